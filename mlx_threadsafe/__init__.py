@@ -1,0 +1,59 @@
+"""mlx_threadsafe: makes mlx-lm and mlx-vlm safe to use from threads, by patching.
+
+    import mlx_threadsafe
+    mlx_threadsafe.install()
+
+Importing the package changes nothing; install() applies the patches that the
+compat matrix names for the installed releases (now, or when their module is first
+imported), and uninstall() puts every original object back.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+from .materialize import materialize
+from .registry import MlxThreadsafeWarning, PatchStatus, Registry, Status
+from .streams import generation_stream, seed
+from .worker import Worker, WorkerClosed, WorkerQueueFull
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "install", "uninstall", "status", "is_installed", "Status", "PatchStatus",
+    "Worker", "WorkerClosed", "WorkerQueueFull", "materialize", "generation_stream",
+    "seed", "MlxThreadsafeWarning", "__version__",
+]
+
+_registry: Optional[Registry] = None
+
+
+def _get_registry() -> Registry:
+    global _registry
+    if _registry is None:
+        from .patches import ALL
+
+        _registry = Registry(ALL)
+    return _registry
+
+
+def install(*, only: Optional[Iterable[str]] = None, exclude: Optional[Iterable[str]] = None) -> Status:
+    """Apply the patches this environment needs; idempotent. Returns the status table.
+
+    `only` / `exclude` take patch ids; MLX_THREADSAFE_DISABLE=id1,id2 (or *) disables
+    patches from the environment.
+    """
+    return _get_registry().install(only=only, exclude=exclude)
+
+
+def uninstall() -> Status:
+    """Revert every applied patch (the original objects come back) and cancel pending ones."""
+    return _get_registry().uninstall()
+
+
+def status() -> Status:
+    return _get_registry().status()
+
+
+def is_installed() -> bool:
+    return _registry is not None and _registry.is_installed()

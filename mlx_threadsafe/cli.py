@@ -1,0 +1,79 @@
+"""mlx-threadsafe status | doctor"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+DOCTOR_SCENARIOS = [
+    "generate_on_worker",
+    "lazy_rope_on_worker",
+    "adapter_on_worker",
+    "asyncio_to_thread",
+    "eight_threads_match_serial",
+    "threads_sample_differently",
+]
+
+
+def _verdict(without, with_shim) -> str:
+    if with_shim.ok and not without.ok:
+        return "fixed by the shim"
+    if with_shim.ok:
+        return "works either way"
+    return "STILL FAILS"
+
+
+def doctor(scenarios: List[str]) -> int:
+    from . import install, versions
+    from .scenarios import DESCRIPTIONS, run_in_subprocess
+    from .testing import build_lm, build_lora_adapter
+
+    env = versions.detect()
+    print(f"mlx_threadsafe doctor: {env.describe()}")
+    if env.mlx is None or env.mlx_lm is None:
+        print("doctor needs mlx and mlx-lm: pip install 'mlx-threadsafe[cpu,lm]' (or [lm] on macOS)")
+        return 2
+    print("building tiny offline models ...", flush=True)
+    for arch in ("llama", "llama3rope", "gemma3_text", "qwen3"):
+        build_lm(arch)
+    build_lora_adapter("llama")
+    print("running each scenario in a fresh process, without and then with the shim:\n", flush=True)
+    rows = []
+    for name in scenarios:
+        without = run_in_subprocess(name, shim=False)
+        with_shim = run_in_subprocess(name, shim=True)
+        rows.append((DESCRIPTIONS[name], without, with_shim, _verdict(without, with_shim)))
+        mark = lambda o: "ok" if o.ok else "FAILS"  # noqa: E731
+        print(f"- {DESCRIPTIONS[name]}\n    without shim: {mark(without):5}  {'' if without.ok else without.detail}"
+              f"\n    with shim:    {mark(with_shim):5}  {'' if with_shim.ok else with_shim.detail}"
+              f"\n    => {rows[-1][3]}", flush=True)
+    print()
+    print(install())
+    still_failing = [r for r in rows if r[3] == "STILL FAILS"]
+    print(f"\n{len(rows) - len(still_failing)} of {len(rows)} scenarios work with the shim.")
+    return 1 if still_failing else 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="mlx-threadsafe", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("status", help="versions and the patch table, as install() would leave them")
+    doctor_parser = commands.add_parser("doctor", help="run cross-thread scenarios without and with the shim")
+    doctor_parser.add_argument("scenario", nargs="*", help="run only these scenarios")
+    args = parser.parse_args(argv)
+    if args.command == "status":
+        import mlx_threadsafe
+
+        print(mlx_threadsafe.install())
+        return 0
+    from .scenarios import SCENARIOS
+
+    unknown = [s for s in args.scenario if s not in SCENARIOS]
+    if unknown:
+        parser.error(f"unknown scenario(s) {unknown}; known: {', '.join(SCENARIOS)}")
+    return doctor(args.scenario or DOCTOR_SCENARIOS)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

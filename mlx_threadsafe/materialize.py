@@ -1,0 +1,60 @@
+"""materialize(obj): evaluate every array reachable from a model, on the calling thread.
+
+Move 3 of the design. A lazy array belongs to the stream of the thread that built
+it, so a model whose state is still lazy cannot be used from another thread.
+``mlx_lm.load()`` evaluates only ``model.parameters()``, which leaves out
+``_``-prefixed attributes (``rope._freqs``), arrays in tuples and plain objects,
+and never evaluates LoRA adapters.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any, List
+
+_LEAF_TYPES = (str, bytes, int, float, complex, bool, type(None), types.ModuleType, type,
+               types.FunctionType, types.BuiltinFunctionType, types.MethodType)
+
+
+def reachable_arrays(obj: Any) -> List[Any]:
+    """Every distinct ``mx.array`` reachable from `obj`.
+
+    Walks module children and attributes (``_`` keys included: an ``nn.Module`` is a
+    dict of its children and parameters plus a plain ``__dict__``), lists, tuples,
+    sets, dicts and plain objects' ``__dict__``; each object is visited once.
+    """
+    import mlx.core as mx
+
+    found: List[Any] = []
+    seen = set()
+    stack = [obj]
+    while stack:
+        item = stack.pop()
+        if id(item) in seen or isinstance(item, _LEAF_TYPES):
+            continue
+        seen.add(id(item))
+        if isinstance(item, mx.array):
+            found.append(item)
+            continue
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple, set, frozenset)):
+            stack.extend(item)
+        namespace = getattr(item, "__dict__", None)
+        if isinstance(namespace, dict):
+            stack.extend(namespace.values())
+    return found
+
+
+def materialize(obj: Any) -> int:
+    """Evaluate, in one ``mx.eval`` on the calling thread, every array reachable from `obj`.
+
+    Returns how many distinct arrays were evaluated (arrays already evaluated are
+    counted and cost nothing).
+    """
+    import mlx.core as mx
+
+    arrays = reachable_arrays(obj)
+    if arrays:
+        mx.eval(arrays)
+    return len(arrays)

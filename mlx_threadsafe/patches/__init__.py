@@ -1,0 +1,19 @@
+"""One module per patched target; ALL is the order install() applies them in."""
+
+from . import (
+    mlx_lm_generation_stream,
+    mlx_lm_load,
+    mlx_thread_cleanup,
+    mlx_thread_rng,
+    mlx_vlm_generation_stream,
+    mlx_vlm_load,
+)
+
+ALL = [
+    mlx_thread_cleanup.PATCH,
+    mlx_thread_rng.PATCH,
+    mlx_lm_generation_stream.PATCH,
+    mlx_lm_load.PATCH,
+    mlx_vlm_generation_stream.PATCH,
+    mlx_vlm_load.PATCH,
+]

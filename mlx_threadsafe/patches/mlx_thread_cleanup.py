@@ -1,0 +1,34 @@
+"""mlx.thread_cleanup: every thread that used MLX releases its streams on itself as it ends.
+
+After a Python thread is joined its OS thread still runs the C++ ``thread_local``
+destructors; MLX's per-thread compile cache releases Python objects there, and if the
+main thread is already finalizing the interpreter the process aborts with
+``terminate called without an active exception``. ``mx.clear_streams()`` at the end
+of the thread (what the MLX maintainers do in mlx-lm's own tests) prevents it.
+
+How: ``mx.eval`` and ``mx.async_eval`` adopt the calling thread (one thread-local
+lookup per call); an adopted thread runs ``mx.clear_streams()`` on itself when it
+ends (see `mlx_threadsafe.streams`).
+"""
+
+from .. import streams
+from ..originals import Originals
+from ..registry import Patch
+from .rebind import module_attribute
+from .thread_adoption import adopting
+
+_originals = Originals()
+
+
+def apply(mlx_core):
+    for name in ("eval", "async_eval"):
+        _originals.set_attribute(mlx_core, name, adopting(module_attribute("mlx.core", name)))
+    streams.cleanup_enabled = True
+    _originals.on_restore(lambda: setattr(streams, "cleanup_enabled", False))
+
+
+def revert():
+    _originals.restore()
+
+
+PATCH = Patch("mlx.thread_cleanup", "mlx", "mlx.core", apply, revert)

@@ -1,0 +1,42 @@
+"""mlx.thread_rng: each thread draws from its own random key, derived from the process seed.
+
+Since mlx 0.31.2 the default key is per thread and every new thread starts from the
+same key, so two worker threads sampling at temperature 1.0 produce the same "random"
+text, and ``mx.random.seed()`` on the main thread does not reach them (mlx-lm #1675).
+
+How: when a thread is adopted (its first ``mx.eval``), it is seeded with a key
+derived from the process seed, its name and how many threads of that name came
+before; ``mlx_threadsafe.seed(n)`` fixes the process seed. A thread that calls
+``mx.random.seed`` itself keeps its own seed.
+"""
+
+import wrapt
+
+from .. import streams
+from ..originals import Originals
+from ..registry import Patch
+from .rebind import module_attribute
+from .thread_adoption import adopting
+
+_originals = Originals()
+
+
+def _remember_explicit_seed(wrapped, instance, args, kwargs):
+    streams.mark_seeded()
+    return wrapped(*args, **kwargs)
+
+
+def apply(mlx_core):
+    for name in ("eval", "async_eval"):
+        _originals.set_attribute(mlx_core, name, adopting(module_attribute("mlx.core", name)))
+    random = mlx_core.random
+    _originals.set_attribute(random, "seed", wrapt.FunctionWrapper(random.seed, _remember_explicit_seed))
+    streams.rng_enabled = True
+    _originals.on_restore(lambda: setattr(streams, "rng_enabled", False))
+
+
+def revert():
+    _originals.restore()
+
+
+PATCH = Patch("mlx.thread_rng", "mlx", "mlx.core", apply, revert)

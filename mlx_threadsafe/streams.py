@@ -1,0 +1,151 @@
+"""Per-thread MLX state: the generation-stream factory, thread-end cleanup, RNG keys.
+
+Moves 1 and 4 of the design: every thread gets its own stream, and releases its
+thread-affine resources on itself before it ends.
+
+How a thread's end is noticed without touching user code: the first time a thread
+uses MLX through the shim it is *adopted*, which stores a sentinel in a
+``threading.local``. CPython drops a thread's locals while that thread's state is
+cleared, on the thread itself and with the GIL held, after ``Thread.run`` returned
+and before the OS thread runs its C++ ``thread_local`` destructors. The sentinel's
+``__del__`` calls ``mx.clear_streams()`` there, which is the MLX maintainers' own
+pattern (mlx-lm PR #1537) and removes the abort at interpreter exit
+(``terminate called without an active exception``) that those destructors cause
+when they run while the main thread finalizes the interpreter.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import zlib
+from collections import Counter
+from typing import Any, Dict, Optional
+
+log = logging.getLogger("mlx_threadsafe")
+
+_local = threading.local()
+
+# Set by the mlx.thread_cleanup and mlx.thread_rng patches.
+cleanup_enabled = False
+rng_enabled = False
+
+_rng_lock = threading.Lock()
+_process_seed: Optional[int] = None
+_names_seen: Counter = Counter()
+
+
+class _ThreadEnd:
+    """Lives in the thread's locals; its collection marks the end of the thread."""
+
+    __slots__ = ("thread_name", "owns_streams")
+
+    def __init__(self, thread_name: str) -> None:
+        self.thread_name = thread_name
+        self.owns_streams = False
+
+    def __del__(self) -> None:
+        if self.owns_streams or cleanup_enabled:
+            release_thread_streams(self.thread_name)
+
+
+def release_thread_streams(thread_name: str = "") -> None:
+    """Destroy every stream the calling thread created (``mx.clear_streams``).
+
+    Costs one call into MLX per ending thread (microseconds). Streams are
+    per thread, so nothing on any other thread can still be using them.
+    """
+    try:
+        import mlx.core as mx
+
+        clear = getattr(mx, "clear_streams", None)
+        if clear is not None:
+            clear()
+            log.debug("released the streams of thread %s", thread_name or threading.current_thread().name)
+    except Exception:  # noqa: BLE001 - runs while a thread is being torn down
+        pass
+
+
+def adopt_current_thread() -> None:
+    """Mark the calling thread as an MLX thread: cleanup at its end, its own RNG key.
+
+    Idempotent and cheap after the first call (one attribute lookup).
+    """
+    if getattr(_local, "end", None) is not None:
+        return
+    thread = threading.current_thread()
+    if thread is threading.main_thread():
+        _local.end = False  # the main thread ends with the interpreter, not here
+        return
+    _local.end = _ThreadEnd(thread.name)
+    if rng_enabled and not getattr(_local, "seeded", False):
+        seed_current_thread(thread.name)
+
+
+def generation_stream(device: Any = None) -> Any:
+    """The calling thread's own generation stream for `device` (default device if None).
+
+    Created on the calling thread at first use, cached in a ``threading.local`` and
+    released on this thread when it ends.
+    """
+    import mlx.core as mx
+
+    device = mx.default_device() if device is None else device
+    streams: Dict[str, Any] = _local.__dict__.setdefault("streams", {})
+    key = str(device)
+    stream = streams.get(key)
+    if stream is None:
+        adopt_current_thread()
+        stream = streams[key] = mx.new_stream(device)
+        end = getattr(_local, "end", None)
+        if end:
+            end.owns_streams = True
+    return stream
+
+
+# ------------------------------------------------------------------ random keys
+
+
+def _thread_seed(base: int, thread_name: str, occurrence: int) -> int:
+    # crc32 rather than hash(): str hashes are salted per process, which would make
+    # seeded runs differ from one run to the next.
+    data = f"{base}:{thread_name}:{occurrence}".encode()
+    return (zlib.crc32(data) | zlib.crc32(data[::-1]) << 32) & 0xFFFF_FFFF_FFFF
+
+
+def seed_current_thread(thread_name: str) -> None:
+    """Give the calling thread its own key, derived from the process seed and its name."""
+    global _process_seed
+    with _rng_lock:
+        if _process_seed is None:
+            _process_seed = int.from_bytes(os.urandom(6), "little")
+        occurrence = _names_seen[thread_name]
+        _names_seen[thread_name] += 1
+        value = _thread_seed(_process_seed, thread_name, occurrence)
+    import mlx.core as mx
+
+    mx.random.seed(value)
+    _local.seeded = True
+
+
+def seed(value: int) -> None:
+    """Seed the calling thread with `value`, and every thread's key derivation.
+
+    Threads adopted afterwards get keys derived from `value` and their names, so a
+    program that names (or creates) its threads the same way draws the same numbers
+    on each thread, run after run.
+    """
+    global _process_seed
+    with _rng_lock:
+        _process_seed = int(value)
+        _names_seen.clear()
+    import mlx.core as mx
+
+    mx.random.seed(int(value))
+    _local.seeded = True
+
+
+def mark_seeded() -> None:
+    """The caller seeded this thread itself: never replace its key."""
+    _local.seeded = True

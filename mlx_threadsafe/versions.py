@@ -1,0 +1,83 @@
+"""What is installed, read from package metadata so that nothing gets imported.
+
+`install()` must not import mlx, mlx-lm or mlx-vlm (they are slow to import and the
+application may never use them), so every fact here comes from `importlib.metadata`.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import metadata
+from typing import Optional
+
+from packaging.version import InvalidVersion, Version
+
+TRACKED = ("mlx", "mlx-lm", "mlx-vlm")
+
+# mlx ties a stream (and every unevaluated array) to the thread that created it from
+# these releases on: the Metal and CUDA command encoders became thread-local in 0.31.2
+# (mlx #3348, #3367), the CPU encoder only in 0.32.0 (mlx #3537).
+THREAD_BOUND_SINCE = {"metal": Version("0.31.2"), "cuda": Version("0.31.2"), "cpu": Version("0.32.0")}
+
+
+def distribution_version(name: str) -> Optional[str]:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def parse(version: Optional[str]) -> Optional[Version]:
+    if version is None:
+        return None
+    try:
+        return Version(version)
+    except InvalidVersion:
+        return None
+
+
+def mlx_backend() -> str:
+    """The backend the installed mlx runs on: 'metal', 'cuda' or 'cpu'."""
+    if sys.platform == "darwin":
+        return "metal"
+    for dist in ("mlx-cuda-13", "mlx-cuda-12", "mlx-cuda"):
+        if distribution_version(dist) is not None:
+            return "cuda"
+    return "cpu"
+
+
+@dataclass(frozen=True)
+class Environment:
+    mlx: Optional[str]
+    mlx_lm: Optional[str]
+    mlx_vlm: Optional[str]
+    backend: str
+
+    def version_of(self, package: str) -> Optional[str]:
+        return {"mlx": self.mlx, "mlx-lm": self.mlx_lm, "mlx-vlm": self.mlx_vlm}[package]
+
+    @property
+    def streams_bound_to_threads(self) -> bool:
+        mlx = parse(self.mlx)
+        return mlx is not None and mlx >= THREAD_BOUND_SINCE[self.backend]
+
+    def describe(self) -> str:
+        def show(v):
+            return v or "not installed"
+
+        return (
+            f"mlx {show(self.mlx)} ({self.backend}), "
+            f"mlx-lm {show(self.mlx_lm)}, mlx-vlm {show(self.mlx_vlm)}"
+        )
+
+
+@lru_cache(maxsize=1)
+def detect() -> Environment:
+    return Environment(
+        mlx=distribution_version("mlx"),
+        mlx_lm=distribution_version("mlx-lm"),
+        mlx_vlm=distribution_version("mlx-vlm"),
+        backend=mlx_backend(),
+    )

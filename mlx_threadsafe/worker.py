@@ -1,0 +1,281 @@
+"""Worker: one OS thread that owns MLX state, and a queue of work for it.
+
+Move 2 of the design, on the contract of Emily.Stream's worker: the thread creates
+its stream on itself; the queue is bounded and fails fast when full; waiting can
+time out; close() cancels the backlog (callers get WorkerClosed instead of hanging)
+but lets the operation in flight finish, then releases the thread's MLX resources
+on the thread itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import logging
+import queue
+import threading
+import weakref
+from concurrent.futures import Future
+from typing import Any, Callable, List, Optional
+
+from . import streams
+
+log = logging.getLogger("mlx_threadsafe")
+
+DEFAULT_QUEUE_LIMIT = 8192
+_names = itertools.count()
+_STOP = object()
+
+
+class WorkerClosed(RuntimeError):
+    """The worker was closed: queued work was cancelled, new work is refused."""
+
+
+class WorkerQueueFull(RuntimeError):
+    """The worker's queue is at its limit: back-pressure, try again later."""
+
+
+def _describe(fn: Callable) -> str:
+    return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
+
+
+class _Core:
+    """The state shared by a Worker and its thread.
+
+    The thread holds only this, never the Worker, so an unreferenced Worker can be
+    collected and its finalizer can stop the thread.
+    """
+
+    def __init__(self, name: str, queue_limit: int, device: Any) -> None:
+        self.name = name
+        self.device = device
+        self.queue: "queue.Queue[Any]" = queue.Queue(maxsize=queue_limit)
+        self.queue_limit = queue_limit
+        self.lock = threading.Lock()
+        self.closed = False
+        self.started = threading.Event()
+        self.stream: Any = None
+        self.start_error: Optional[BaseException] = None
+        self.teardown: List[Callable[[], Any]] = []
+        self.thread: Optional[threading.Thread] = None
+
+    def run(self) -> None:
+        try:
+            self.stream = _own_stream(self.device)
+        except BaseException as error:  # noqa: BLE001 - reported to the constructor
+            self.start_error = error
+        self.started.set()
+        while True:
+            item = self.queue.get()
+            if item is _STOP:
+                break
+            future, fn, args, kwargs = item
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                result = fn(*args, **kwargs)
+            except BaseException as error:  # noqa: BLE001 - handed to the caller
+                future.set_exception(error)
+            else:
+                future.set_result(result)
+            del item, future, fn, args, kwargs  # drop references to the work while idle
+        for step in self.teardown:
+            try:
+                step()
+            except Exception:  # noqa: BLE001
+                log.exception("teardown step on worker %s failed", self.name)
+        self.teardown.clear()
+        streams.release_thread_streams(self.name)
+
+    def submit(self, fn: Callable, args, kwargs) -> Future:
+        future: Future = Future()
+        with self.lock:
+            if self.closed:
+                raise WorkerClosed(f"worker {self.name!r} is closed; cannot run {_describe(fn)}")
+            try:
+                self.queue.put_nowait((future, fn, args, kwargs))
+            except queue.Full:
+                raise WorkerQueueFull(
+                    f"worker {self.name!r} has {self.queue_limit} operations queued (queue_limit); "
+                    f"refusing {_describe(fn)}"
+                ) from None
+        return future
+
+    def stop(self, teardown: Optional[Callable[[], Any]] = None) -> bool:
+        """Cancel the backlog and tell the thread to finish; True if this call closed it."""
+        with self.lock:
+            if teardown is not None and not self.closed:
+                self.teardown.append(teardown)
+            if self.closed:
+                return False
+            self.closed = True
+            cancelled = 0
+            while True:
+                try:
+                    item = self.queue.get_nowait()
+                except queue.Empty:
+                    break
+                future, fn = item[0], item[1]
+                if future.set_running_or_notify_cancel():
+                    future.set_exception(WorkerClosed(f"worker {self.name!r} closed before running {_describe(fn)}"))
+                    cancelled += 1
+            # The queue is empty and closed to submitters, so this put never blocks.
+            self.queue.put_nowait(_STOP)
+        log.debug("worker %s closing; %d queued operations cancelled", self.name, cancelled)
+        return True
+
+
+def _own_stream(device: Any) -> Any:
+    try:
+        import mlx.core  # noqa: F401
+    except ImportError:
+        return None
+    return streams.generation_stream(device)
+
+
+class Worker:
+    """A dedicated thread that owns MLX state; send it work with submit() or call().
+
+    >>> worker = Worker("model-a")
+    >>> model, tokenizer = worker.call(mlx_lm.load, path)
+    >>> text = worker.call(mlx_lm.generate, model, tokenizer, "hello")
+    >>> worker.close()
+    """
+
+    def __init__(
+        self,
+        name: Optional[str] = None,
+        *,
+        queue_limit: int = DEFAULT_QUEUE_LIMIT,
+        await_timeout: Optional[float] = None,
+        device: Any = None,
+    ) -> None:
+        if queue_limit < 1:
+            raise ValueError(f"queue_limit must be at least 1, got {queue_limit}")
+        if await_timeout is not None and await_timeout <= 0:
+            raise ValueError(f"await_timeout must be positive or None, got {await_timeout}")
+        self.await_timeout = await_timeout
+        self._core = _Core(name or f"mlx-worker-{next(_names)}", queue_limit, device)
+        thread = threading.Thread(target=self._core.run, name=self._core.name, daemon=True)
+        self._core.thread = thread
+        thread.start()
+        self._core.started.wait()
+        if self._core.start_error is not None:
+            self._core.stop()
+            raise self._core.start_error
+        # Stop the thread when the Worker is collected without close().
+        self._finalizer = weakref.finalize(self, self._core.stop)
+        _workers_by_thread[thread.ident] = self
+
+    # -- monitoring ------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return self._core.name
+
+    @property
+    def queue_depth(self) -> int:
+        return self._core.queue.qsize()
+
+    @property
+    def is_alive(self) -> bool:
+        thread = self._core.thread
+        return thread is not None and thread.is_alive() and not self._core.closed
+
+    @property
+    def closed(self) -> bool:
+        return self._core.closed
+
+    @property
+    def thread(self) -> threading.Thread:
+        return self._core.thread  # type: ignore[return-value]
+
+    @property
+    def stream(self) -> Any:
+        """The stream this worker created on its own thread (None without mlx)."""
+        return self._core.stream
+
+    def owns_current_thread(self) -> bool:
+        return threading.current_thread() is self._core.thread
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"queue_depth={self.queue_depth}"
+        return f"<Worker {self.name!r} {state}>"
+
+    # -- work ------------------------------------------------------------
+
+    def submit(self, fn: Callable, *args: Any, **kwargs: Any) -> Future:
+        """Queue `fn(*args, **kwargs)` on the worker; returns a Future of its result.
+
+        Raises WorkerClosed after close() and WorkerQueueFull when the queue is at
+        its limit: back-pressure is reported at once, never by blocking.
+        """
+        return self._core.submit(fn, args, kwargs)
+
+    def call(self, fn: Callable, *args: Any, **kwargs: Any) -> Any:
+        """Run `fn` on the worker and return its result, re-raising its exception.
+
+        From the worker's own thread the call runs inline, so work that calls back
+        into its owner does not deadlock.
+        """
+        if self.owns_current_thread():
+            return fn(*args, **kwargs)
+        future = self.submit(fn, *args, **kwargs)
+        try:
+            return future.result(self.await_timeout)
+        except concurrent.futures.TimeoutError:
+            if not future.done():
+                future.cancel()
+                raise TimeoutError(
+                    f"timed out after {self.await_timeout}s waiting for worker {self.name!r} "
+                    f"to run {_describe(fn)} (queue_depth={self.queue_depth})"
+                ) from None
+            raise
+
+    async def acall(self, fn: Callable, *args: Any, **kwargs: Any) -> Any:
+        """The awaitable form of call(), for asyncio code."""
+        if self.owns_current_thread():
+            return fn(*args, **kwargs)
+        future = asyncio.wrap_future(self.submit(fn, *args, **kwargs))
+        if self.await_timeout is None:
+            return await future
+        try:
+            return await asyncio.wait_for(future, self.await_timeout)
+        except asyncio.TimeoutError:
+            raise TimeoutError(
+                f"timed out after {self.await_timeout}s waiting for worker {self.name!r} to run {_describe(fn)}"
+            ) from None
+
+    # -- lifecycle -------------------------------------------------------
+
+    def close(self, *, wait: bool = True, timeout: Optional[float] = None,
+              teardown: Optional[Callable[[], Any]] = None) -> None:
+        """Stop the worker. Idempotent, and safe to call from the worker itself.
+
+        Queued operations are cancelled (their callers get WorkerClosed); the one in
+        flight finishes; `teardown`, if given, then runs on the worker thread, which
+        releases its streams and exits. With wait=True this returns once it has.
+        """
+        self._core.stop(teardown)
+        self._finalizer.detach()
+        if wait and not self.owns_current_thread():
+            self._core.thread.join(timeout)  # type: ignore[union-attr]
+
+    def __enter__(self) -> "Worker":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+
+# Thread ident -> every live Worker, to find the worker that owns the calling thread.
+_workers_by_thread: "weakref.WeakValueDictionary[int, Worker]" = weakref.WeakValueDictionary()
+
+
+def current_worker() -> Optional[Worker]:
+    """The Worker whose thread is calling, if any."""
+    worker = _workers_by_thread.get(threading.get_ident())
+    if worker is not None and worker.owns_current_thread():
+        return worker
+    return None

@@ -1,0 +1,31 @@
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_python(code: str, python: str = sys.executable, env=None, timeout: float = 300):
+    """Run `code` in a fresh interpreter; returns the CompletedProcess."""
+    child_env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", **(env or {}))
+    return subprocess.run([python, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          timeout=timeout, env=child_env, cwd=ROOT)
+
+
+def run_json(code: str, **kwargs):
+    """Run `code`, which prints one JSON line last; returns the decoded value."""
+    done = run_python(code, **kwargs)
+    assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout}\n{done.stderr}"
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="session")
+def tiny_models():
+    """Build the tiny offline models once per session (each process may race: that is safe)."""
+    from mlx_threadsafe import testing
+
+    return {arch: testing.build_lm(arch) for arch in testing.LM_ARCHS}
