@@ -84,4 +84,4 @@ def _describe(holder: Any) -> str:
             if getattr(owner, "__dict__", None) is holder:
                 return f"an attribute of a {type(owner).__module__}.{type(owner).__qualname__}"
         return "a dict"
-    return f"a {type(holder).__name__}"
+    return f"a {type(holder).__module__}.{type(holder).__qualname__}"

@@ -1,0 +1,43 @@
+"""Virtual environments holding one mlx-lm / mlx-vlm release each, next to mlx for the CPU.
+
+Old releases are pure-python wheels, so `uv` makes each environment in seconds from
+its cache. They live in `.venvs/` at the repository root (ignored by git) and are
+reused across runs; building one is safe when xdist workers race for it.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VENVS = os.path.join(ROOT, ".venvs")
+MLX = "mlx[cpu]==0.32.4"
+
+
+def release_python(requirement: str) -> str:
+    """The interpreter of a venv with `requirement` (e.g. 'mlx-lm==0.31.1'), mlx and this package."""
+    name = requirement.replace("==", "-").replace("[", "").replace("]", "")
+    final = os.path.join(VENVS, name)
+    python = os.path.join(final, "bin", "python")
+    if os.path.exists(os.path.join(final, ".complete")):
+        return python
+    os.makedirs(VENVS, exist_ok=True)
+    uv = shutil.which("uv") or os.path.join(os.path.dirname(sys.executable), "uv")
+    scratch = tempfile.mkdtemp(prefix=f".{name}-", dir=VENVS)
+    try:
+        subprocess.run([uv, "venv", "-q", "-p", sys.executable, scratch], check=True)
+        subprocess.run([uv, "pip", "install", "-q", "-p", os.path.join(scratch, "bin", "python"),
+                        MLX, requirement, "tokenizers", "-e", ROOT], check=True)
+        open(os.path.join(scratch, ".complete"), "w").close()
+        # venvs hard-code their own path: build under a scratch name, then rename only
+        # if nothing needs the path yet; the loser of a race keeps using the winner's.
+        try:
+            os.rename(scratch, final)
+        except OSError:
+            if not os.path.exists(os.path.join(final, ".complete")):
+                raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return python

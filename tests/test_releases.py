@@ -1,0 +1,76 @@
+"""Threaded generation on real mlx-lm releases, each in its own virtual environment.
+
+mlx 0.32.4 on the CPU binds streams to threads, like Metal and CUDA from 0.31.2. Up to
+mlx-lm 0.31.2 the module `generation_stream` is made at import on the importing
+thread, so every off-thread generation fails without the shim.
+"""
+
+import pytest
+
+from conftest import run_json
+from mlx_threadsafe.scenarios import run_in_subprocess
+from releases import release_python
+
+MODULE_STREAM_RELEASES = [
+    pytest.param("mlx-lm==0.28.4", marks=pytest.mark.release),
+    pytest.param("mlx-lm==0.30.7", marks=pytest.mark.release),
+    pytest.param("mlx-lm==0.31.1", marks=pytest.mark.release),
+]
+THREAD_LOCAL_RELEASES = [pytest.param("mlx-lm==0.31.3", marks=pytest.mark.release)]
+THREADED_SCENARIOS = ["generate_on_worker", "asyncio_to_thread", "eight_threads_match_serial"]
+
+
+@pytest.mark.parametrize("release", MODULE_STREAM_RELEASES)
+@pytest.mark.parametrize("name", THREADED_SCENARIOS)
+def test_threaded_generation_fails_without_the_shim_and_passes_with_it(release, name):
+    python = release_python(release)
+    without = run_in_subprocess(name, shim=False, python=python)
+    assert not without.ok and "There is no Stream(cpu, 0) in current thread" in without.detail
+    with_shim = run_in_subprocess(name, shim=True, python=python)
+    assert with_shim.ok, with_shim.detail
+
+
+@pytest.mark.parametrize("release", THREAD_LOCAL_RELEASES)
+@pytest.mark.parametrize("name", THREADED_SCENARIOS + ["lazy_rope_on_worker", "adapter_on_worker"])
+def test_thread_local_releases_pass_with_the_shim(release, name):
+    outcome = run_in_subprocess(name, shim=True, python=release_python(release))
+    assert outcome.ok, outcome.detail
+
+
+@pytest.mark.parametrize("release", THREAD_LOCAL_RELEASES)
+def test_lazy_rope_fails_without_the_shim_on_thread_local_releases(release):
+    outcome = run_in_subprocess("lazy_rope_on_worker", shim=False, python=release_python(release))
+    assert not outcome.ok and "There is no Stream" in outcome.detail
+
+
+@pytest.mark.release
+def test_stream_patch_repoints_server_copy_and_reverts_every_binding():
+    """0.31.1 keeps a name-imported copy in mlx_lm.server; install after importing it."""
+    out = run_json("""
+        import importlib, json, threading
+        import mlx.core as mx, mlx_lm, mlx_lm.server, mlx_threadsafe
+        gen = importlib.import_module("mlx_lm.generate")
+        original = gen.generation_stream
+        status = mlx_threadsafe.install()
+        patched = [type(gen.generation_stream).__name__, mlx_lm.server.generation_stream is gen.generation_stream]
+        mlx_threadsafe.uninstall()
+        restored = [gen.generation_stream is original, mlx_lm.server.generation_stream is original]
+        print(json.dumps([status["mlx_lm.generation_stream"].state, patched, restored]))
+    """, python=release_python("mlx-lm==0.31.1"))
+    assert out == ["applied", ["ThreadLocalStream", True], [True, True]]
+
+
+@pytest.mark.release
+def test_a_copy_the_shim_cannot_repoint_is_named_in_a_warning():
+    out = run_json("""
+        import importlib, json, warnings
+        import mlx_lm, mlx_threadsafe
+        class Holder: pass
+        holder = Holder()
+        holder.stream = importlib.import_module("mlx_lm.generate").generation_stream
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            mlx_threadsafe.install()
+        print(json.dumps([str(w.message) for w in caught]))
+    """, python=release_python("mlx-lm==0.31.1"))
+    assert any("could not be repointed" in m and "__main__.Holder" in m for m in out), out
