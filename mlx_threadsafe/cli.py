@@ -13,6 +13,9 @@ DOCTOR_SCENARIOS = [
     "asyncio_to_thread",
     "eight_threads_match_serial",
     "threads_sample_differently",
+    "batch_generator_handoff",
+    "batch_generator_shared_by_8_threads",
+    "batch_generator_collected_on_foreign_thread",
 ]
 
 

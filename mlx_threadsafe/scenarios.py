@@ -129,6 +129,141 @@ def threads_sample_differently() -> str:
     return "different"
 
 
+BATCH_PROMPTS = [[1, 5, 6, 7], [1, 8, 9, 10, 11], [1, 12, 13]]
+
+
+def _batch_generator(model, **kwargs):
+    import importlib
+
+    generate_module = importlib.import_module("mlx_lm.generate")
+    return generate_module.BatchGenerator(model, max_tokens=8, **kwargs)
+
+
+def _step(generator, tokens, lock=None) -> bool:
+    """One next(); records each generated token under its uid; False once nothing is left."""
+    result = generator.next()
+    responses = result[1] if isinstance(result, tuple) else result
+    if lock is not None:
+        lock.acquire()
+    try:
+        for response in responses:
+            tokens.setdefault(response.uid, []).append(response.token)
+    finally:
+        if lock is not None:
+            lock.release()
+    return bool(responses) or (isinstance(result, tuple) and bool(result[0]))
+
+
+def _one_thread_tokens(model, remove_first: bool = False):
+    generator = _batch_generator(model)
+    uids = generator.insert(BATCH_PROMPTS)
+    tokens: Dict[int, list] = {}
+    for _ in range(3):
+        _step(generator, tokens)
+    if remove_first:
+        generator.remove([uids[0]])
+        tokens.pop(uids[0], None)
+    while _step(generator, tokens):
+        pass
+    return tokens
+
+
+@scenario("BatchGenerator stepped on thread A, then remove() and next() on thread B")
+def batch_generator_handoff() -> str:
+    model, _ = _load("llama")
+    expected = _one_thread_tokens(model, remove_first=True)
+    box: Dict[str, object] = {}
+
+    def start_on_a():
+        box["generator"] = generator = _batch_generator(model)
+        box["uids"] = generator.insert(BATCH_PROMPTS)
+        box["tokens"] = tokens = {}
+        for _ in range(3):
+            _step(generator, tokens)
+
+    def finish_on_b():
+        generator, tokens = box["generator"], box["tokens"]
+        generator.remove([box["uids"][0]])
+        tokens.pop(box["uids"][0], None)
+        while _step(generator, tokens):
+            pass
+        return tokens
+
+    on_new_thread(start_on_a)
+    got = on_new_thread(finish_on_b)
+    if got != expected:
+        raise AssertionError(f"hand-off gave {got}, one thread gave {expected}")
+    return f"{sum(map(len, got.values()))} tokens equal to the one-thread run"
+
+
+def _shared_by(n_threads: int) -> str:
+    model, _ = _load("llama")
+    expected = _one_thread_tokens(model)
+    generator = _batch_generator(model)
+    generator.insert(BATCH_PROMPTS)
+    tokens: Dict[int, list] = {}
+    lock = threading.Lock()
+
+    def drive():
+        while _step(generator, tokens, lock):
+            pass
+
+    threads = [threading.Thread(target=drive) for _ in range(n_threads)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    got = {uid: sorted(t) for uid, t in tokens.items()}
+    if got != {uid: sorted(t) for uid, t in expected.items()}:
+        raise AssertionError(f"{n_threads} threads gave {tokens}, one thread gave {expected}")
+    return f"{sum(map(len, got.values()))} tokens equal to the one-thread run"
+
+
+@scenario("2 threads drive one BatchGenerator")
+def batch_generator_shared_by_2_threads() -> str:
+    return _shared_by(2)
+
+
+@scenario("8 threads drive one BatchGenerator")
+def batch_generator_shared_by_8_threads() -> str:
+    return _shared_by(8)
+
+
+@scenario("BatchGenerator collected on a foreign thread, close() forced down the Metal sync path")
+def batch_generator_collected_on_foreign_thread() -> str:
+    import gc
+
+    import mlx.core as mx
+
+    real_synchronize = mx.synchronize
+
+    def metal_like_synchronize(stream=None):
+        # Metal raises for a stream of another thread; the CPU build does not.
+        if stream is not None and isinstance(stream, mx.Stream) and stream != mx.default_stream(stream.device):
+            raise RuntimeError(f"There is no {stream} in current thread.".replace("cpu", "gpu"))
+        return real_synchronize() if stream is None else real_synchronize(stream)
+
+    mx.synchronize = metal_like_synchronize
+    unraisable = []
+    sys.unraisablehook = lambda info: unraisable.append(f"{info.exc_type.__name__}: {info.exc_value}")
+    model, _ = _load("llama")
+    box: Dict[str, object] = {}
+
+    def build_on_a():
+        generator = _batch_generator(model, stream=mx.default_stream(mx.default_device()))
+        generator.insert(BATCH_PROMPTS[:1])
+        _step(generator, {})
+        generator._old_wired_limit = mx.set_wired_limit(0)  # what Metal's __init__ records
+        box["generator"] = generator
+
+    on_new_thread(build_on_a)
+    del box["generator"]
+    gc.collect()
+    if unraisable:
+        raise AssertionError("; ".join(unraisable))
+    return "collected silently"
+
+
 # ------------------------------------------------------------------ running
 
 

@@ -10,6 +10,7 @@ on the thread itself.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures
 import itertools
 import logging
@@ -166,6 +167,7 @@ class Worker:
             raise self._core.start_error
         # Stop the thread when the Worker is collected without close().
         self._finalizer = weakref.finalize(self, self._core.stop)
+        _running_cores.add(self._core)
         _workers_by_thread[thread.ident] = self
 
     # -- monitoring ------------------------------------------------------
@@ -267,6 +269,24 @@ class Worker:
 
     def __exit__(self, *exc_info: Any) -> None:
         self.close()
+
+
+# Every worker thread still running; closed at interpreter exit (below).
+_running_cores: "weakref.WeakSet[_Core]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_running_workers() -> None:
+    # Worker threads are daemons, so they would still be alive while the interpreter
+    # finalizes, and their C++ thread-locals would then be destroyed mid-finalization
+    # (the `terminate called without an active exception` abort). Stop them first, so
+    # each releases its streams on itself and exits.
+    cores = list(_running_cores)
+    for core in cores:
+        core.stop()
+    for core in cores:
+        if core.thread is not None and core.thread is not threading.current_thread():
+            core.thread.join(10)
 
 
 # Thread ident -> every live Worker, to find the worker that owns the calling thread.

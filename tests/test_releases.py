@@ -37,6 +37,27 @@ def test_thread_local_releases_pass_with_the_shim(release, name):
     assert outcome.ok, outcome.detail
 
 
+BATCH_SCENARIOS = ["batch_generator_handoff", "batch_generator_shared_by_2_threads", "batch_generator_shared_by_8_threads"]
+
+
+@pytest.mark.parametrize("release", THREAD_LOCAL_RELEASES)
+@pytest.mark.parametrize("name", BATCH_SCENARIOS)
+def test_batch_generator_sharing_fails_without_the_shim_and_passes_with_it(release, name):
+    python = release_python(release)
+    assert not run_in_subprocess(name, shim=False, python=python).ok
+    outcome = run_in_subprocess(name, shim=True, python=python)
+    assert outcome.ok, outcome.detail
+
+
+@pytest.mark.parametrize("release", [pytest.param("mlx-lm==0.28.4", marks=pytest.mark.release),
+                                     pytest.param("mlx-lm==0.31.1", marks=pytest.mark.release)])
+def test_batch_generator_hand_off_on_module_stream_releases(release):
+    python = release_python(release)
+    assert not run_in_subprocess("batch_generator_handoff", shim=False, python=python).ok
+    outcome = run_in_subprocess("batch_generator_handoff", shim=True, python=python)
+    assert outcome.ok, outcome.detail
+
+
 @pytest.mark.parametrize("release", THREAD_LOCAL_RELEASES)
 def test_lazy_rope_fails_without_the_shim_on_thread_local_releases(release):
     outcome = run_in_subprocess("lazy_rope_on_worker", shim=False, python=release_python(release))

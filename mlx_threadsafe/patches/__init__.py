@@ -1,6 +1,8 @@
 """One module per patched target; ALL is the order install() applies them in."""
 
 from . import (
+    mlx_lm_batch_generator_close_guard,
+    mlx_lm_batch_generator_owner,
     mlx_lm_generation_stream,
     mlx_lm_load,
     mlx_thread_cleanup,
@@ -14,6 +16,8 @@ ALL = [
     mlx_thread_rng.PATCH,
     mlx_lm_generation_stream.PATCH,
     mlx_lm_load.PATCH,
+    mlx_lm_batch_generator_owner.PATCH,
+    mlx_lm_batch_generator_close_guard.PATCH,
     mlx_vlm_generation_stream.PATCH,
     mlx_vlm_load.PATCH,
 ]

@@ -1,0 +1,177 @@
+"""What the BatchGenerator patches share: an owner for each generator, and a close guard.
+
+Once a BatchGenerator has stepped on a thread its batch state (KV caches, pending
+tokens) is lazy work bound to that thread: ``next``/``remove``/``extract_cache`` from
+another thread raise ``There is no Stream``, and two threads driving it at once
+corrupt it. The owner patch gives each generator one owner thread and sends every
+call there; the close guard keeps ``close()``/``__del__`` from raising when the
+garbage collector runs them on a foreign thread (mlx-lm #1888).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import sys
+import threading
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import wrapt
+
+from ..originals import Originals
+from ..registry import TargetMissing
+from ..worker import Worker, WorkerClosed, current_worker
+
+log = logging.getLogger("mlx_threadsafe")
+OWNER = "_mlx_threadsafe_owner"
+_generator_names = itertools.count()
+
+
+class WrongThread(RuntimeError):
+    """A generator that belongs to one thread was called from another."""
+
+
+@dataclass
+class Owner:
+    thread: threading.Thread
+    worker: Optional[Worker]  # None: the constructing thread owns it (explicit stream=)
+    dedicated: bool  # a Worker made for this generator alone, closed with it
+
+    def is_current(self) -> bool:
+        return threading.current_thread() is self.thread
+
+
+def find_class(module_names: Sequence[str], class_name: str):
+    for name in module_names:
+        module = sys.modules.get(name)
+        if module is not None and isinstance(vars(module).get(class_name), type):
+            return vars(module)[class_name]
+    raise TargetMissing(f"no {class_name} in {', '.join(module_names)}")
+
+
+def _explicit_concrete_stream(kwargs) -> bool:
+    import mlx.core as mx
+
+    stream = kwargs.get("stream")
+    return isinstance(stream, mx.Stream) and not isinstance(stream, getattr(mx, "ThreadLocalStream", ()))
+
+
+def _construct(wrapped, instance, args, kwargs):
+    worker = current_worker()
+    if worker is not None:
+        owner = Owner(worker.thread, worker, dedicated=False)
+    elif _explicit_concrete_stream(kwargs):
+        # mlx_lm.server (0.31.3+) builds its generator on its generation thread with that
+        # thread's stream: it already owns it, so calls stay direct (zero overhead).
+        owner = Owner(threading.current_thread(), None, dedicated=False)
+    else:
+        worker = Worker(f"{type(instance).__name__}-{next(_generator_names)}")
+        owner = Owner(worker.thread, worker, dedicated=True)
+    vars(instance)[OWNER] = owner
+    if owner.worker is None or owner.is_current():
+        return wrapped(*args, **kwargs)
+    try:
+        return owner.worker.call(wrapped, *args, **kwargs)
+    except BaseException:
+        if owner.dedicated:
+            owner.worker.close(wait=False)
+        raise
+
+
+def _on_owner(wrapped, instance, args, kwargs):
+    owner: Optional[Owner] = vars(instance).get(OWNER) if instance is not None else None
+    if owner is None or owner.is_current():
+        return wrapped(*args, **kwargs)  # made before install(), or already on its owner
+    if owner.worker is None:
+        raise WrongThread(
+            f"this {type(instance).__name__} belongs to thread {owner.thread.name!r} (it was built there with "
+            f"stream=<that thread's stream>) and was called from thread {threading.current_thread().name!r}. "
+            "Call it from its own thread, or build it without stream= so that mlx_threadsafe gives it an "
+            "owner Worker that every thread can call."
+        )
+    return owner.worker.call(wrapped, *args, **kwargs)
+
+
+def _close_on_owner(wrapped, instance, args, kwargs):
+    owner: Optional[Owner] = vars(instance).get(OWNER)
+    if owner is None or owner.worker is None or owner.is_current():
+        result = wrapped(*args, **kwargs)
+    else:
+        try:
+            result = owner.worker.call(wrapped, *args, **kwargs)
+        except WorkerClosed:
+            result = wrapped(*args, **kwargs)  # the owner is gone; the close guard covers the sync
+    if owner is not None and owner.dedicated:
+        owner.worker.close(wait=False)
+    return result
+
+
+def _delete_on_owner(wrapped, instance, args, kwargs):
+    # The collector may run this on any thread, holding any lock: never wait here.
+    owner: Optional[Owner] = vars(instance).get(OWNER)
+    if owner is None or owner.worker is None or owner.is_current() or owner.worker.closed:
+        wrapped(*args, **kwargs)
+        if owner is not None and owner.dedicated:
+            owner.worker.close(wait=False)
+    elif owner.dedicated:
+        owner.worker.close(wait=False, teardown=lambda: wrapped(*args, **kwargs))
+    else:
+        owner.worker.submit(wrapped, *args, **kwargs)
+
+
+class BatchGeneratorOwnerPatch:
+    def __init__(self, module_names: Sequence[str]) -> None:
+        self.module_names = list(module_names)
+        self.originals = Originals()
+
+    def apply(self, package) -> None:
+        cls = find_class(self.module_names, "BatchGenerator")
+        self.originals.set_attribute(cls, "__init__", wrapt.FunctionWrapper(cls.__init__, _construct))
+        for name, value in list(vars(cls).items()):
+            if name.startswith("_") or not callable(value) or name in ("close", "stats"):
+                continue
+            self.originals.set_attribute(cls, name, wrapt.FunctionWrapper(value, _on_owner))
+        if "close" in vars(cls):
+            self.originals.set_attribute(cls, "close", wrapt.FunctionWrapper(cls.close, _close_on_owner))
+        if "__del__" in vars(cls):
+            self.originals.set_attribute(cls, "__del__", wrapt.FunctionWrapper(cls.__del__, _delete_on_owner))
+
+    def revert(self) -> None:
+        self.originals.restore()
+
+
+def _swallow_foreign_stream(wrapped, instance, args, kwargs):
+    try:
+        return wrapped(*args, **kwargs)
+    except RuntimeError as error:
+        if "in current thread" not in str(error):
+            raise
+        # The stream's thread is gone or is another thread: there is nothing left to
+        # synchronize from here, and raising would only print from __del__.
+        log.debug("%s.%s: ignored %s", type(instance).__name__, getattr(wrapped, "__name__", "close"), error)
+        return None
+
+
+def _never_raise(wrapped, instance, args, kwargs):
+    try:
+        wrapped(*args, **kwargs)
+    except Exception as error:  # noqa: BLE001 - __del__ must not raise
+        log.debug("%s.__del__: ignored %r", type(instance).__name__, error)
+
+
+class CloseGuardPatch:
+    def __init__(self, module_names: Sequence[str]) -> None:
+        self.module_names = list(module_names)
+        self.originals = Originals()
+
+    def apply(self, package) -> None:
+        cls = find_class(self.module_names, "BatchGenerator")
+        if "close" not in vars(cls):
+            raise TargetMissing(f"{cls.__module__}.BatchGenerator has no close()")
+        self.originals.set_attribute(cls, "close", wrapt.FunctionWrapper(cls.close, _swallow_foreign_stream))
+        if "__del__" in vars(cls):
+            self.originals.set_attribute(cls, "__del__", wrapt.FunctionWrapper(cls.__del__, _never_raise))
+
+    def revert(self) -> None:
+        self.originals.restore()

@@ -1,0 +1,23 @@
+"""mlx_lm.BatchGenerator.close_guard: close()/__del__ never raise off their stream's thread.
+
+``close()`` runs ``mx.synchronize(stream)`` when a wired limit was set (Metal); run by
+the garbage collector on another thread it raises ``There is no Stream(gpu, N) in
+current thread`` (mlx-lm #1888, PR #1890 unmerged). Only that error is swallowed;
+``__del__`` never raises.
+"""
+
+from ..registry import Patch
+from .batch_generator import CloseGuardPatch
+
+_guard = CloseGuardPatch(["mlx_lm.generate"])
+
+
+def apply(package):
+    _guard.apply(package)
+
+
+def revert():
+    _guard.revert()
+
+
+PATCH = Patch("mlx_lm.BatchGenerator.close_guard", "mlx-lm", "mlx_lm", apply, revert)

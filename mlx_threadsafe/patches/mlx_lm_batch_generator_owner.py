@@ -1,0 +1,23 @@
+"""mlx_lm.BatchGenerator.owner: every BatchGenerator call runs on the generator's owner thread.
+
+Built on a Worker thread: that worker owns it. Built with an explicit concrete
+``stream=`` (``mlx_lm.server`` from 0.31.3): the building thread owns it, calls stay
+direct, and a call from any other thread raises a clear error. Otherwise a dedicated
+Worker owns it and is closed with it. Calls from several threads are serialized there.
+"""
+
+from ..registry import Patch
+from .batch_generator import BatchGeneratorOwnerPatch
+
+_owner = BatchGeneratorOwnerPatch(["mlx_lm.generate"])
+
+
+def apply(package):
+    _owner.apply(package)
+
+
+def revert():
+    _owner.revert()
+
+
+PATCH = Patch("mlx_lm.BatchGenerator.owner", "mlx-lm", "mlx_lm", apply, revert)
