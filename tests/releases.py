@@ -17,8 +17,8 @@ MLX = "mlx[cpu]==0.32.4"
 
 
 def release_python(requirement: str) -> str:
-    """The interpreter of a venv with `requirement` (e.g. 'mlx-lm==0.31.1'), mlx and this package."""
-    name = requirement.replace("==", "-").replace("[", "").replace("]", "")
+    """The interpreter of a venv with `requirement` (e.g. 'mlx-lm==0.31.1'), mlx, mlx-lm and this package."""
+    name = requirement.replace("==", "-").replace("<", "-lt-").replace("[", "").replace("]", "")
     final = os.path.join(VENVS, name)
     python = os.path.join(final, "bin", "python")
     if os.path.exists(os.path.join(final, ".complete")):
@@ -29,7 +29,7 @@ def release_python(requirement: str) -> str:
     try:
         subprocess.run([uv, "venv", "-q", "-p", sys.executable, scratch], check=True)
         subprocess.run([uv, "pip", "install", "-q", "-p", os.path.join(scratch, "bin", "python"),
-                        MLX, requirement, "tokenizers", "-e", ROOT], check=True)
+                        MLX, "mlx-lm", requirement, "tokenizers", "-e", ROOT], check=True)
         open(os.path.join(scratch, ".complete"), "w").close()
         # venvs hard-code their own path: build under a scratch name, then rename only
         # if nothing needs the path yet; the loser of a race keeps using the winner's.

@@ -95,3 +95,13 @@ def test_a_copy_the_shim_cannot_repoint_is_named_in_a_warning():
         print(json.dumps([str(w.message) for w in caught]))
     """, python=release_python("mlx-lm==0.31.1"))
     assert any("could not be repointed" in m and "__main__.Holder" in m for m in out), out
+
+
+@pytest.mark.release
+@pytest.mark.parametrize("name", ["lazy_rope_on_worker", "batch_generator_handoff"])
+def test_the_shim_works_with_wrapt_1(name):
+    python = release_python("wrapt<2")
+    version = run_json("import json, wrapt; print(json.dumps(wrapt.__version__))", python=python)
+    assert version.startswith("1.")
+    outcome = run_in_subprocess(name, shim=True, python=python)
+    assert outcome.ok, outcome.detail
