@@ -22,7 +22,10 @@ _originals = Originals()
 
 
 def _remember_explicit_seed(wrapped, instance, args, kwargs):
+    # A thread that seeds itself is an MLX thread too: adopt it (for its cleanup)
+    # after marking it seeded, so adoption keeps its key.
     streams.mark_seeded()
+    streams.adopt_current_thread()
     return wrapped(*args, **kwargs)
 
 
