@@ -1,8 +1,11 @@
-"""mlx-threadsafe status | doctor"""
+"""mlx-threadsafe status | doctor | run"""
 
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
+import subprocess
 import sys
 from typing import List, Optional
 
@@ -58,13 +61,64 @@ def doctor(scenarios: List[str]) -> int:
     return 1 if still_failing else 0
 
 
+def _interpreter_for(executable: str) -> Optional[str]:
+    """The Python that `executable` runs on: itself, or its shebang's interpreter (console scripts)."""
+    if os.path.basename(executable).startswith("python"):
+        return executable
+    try:
+        with open(executable, "rb") as script:
+            first_line = script.readline(512).decode("utf-8", "replace").strip()
+    except OSError:
+        return None
+    if not first_line.startswith("#!"):
+        return None
+    words = first_line[2:].split()
+    if words and os.path.basename(words[0]) == "env":
+        words = [w for w in words[1:] if not w.startswith("-")]
+        return shutil.which(words[0]) if words else None
+    return words[0] if words else None
+
+
+def run(command: List[str], info: bool) -> int:
+    from .bootstrap import DIRECTORY
+
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        print("mlx-threadsafe run: give a command, e.g. mlx-threadsafe run -- mlx_lm.server --model ./m",
+              file=sys.stderr)
+        return 2
+    executable = shutil.which(command[0])
+    if executable is None:
+        print(f"mlx-threadsafe run: command not found: {command[0]}", file=sys.stderr)
+        return 127
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([DIRECTORY] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    if info:
+        python = _interpreter_for(executable)
+        if python is None:
+            print(f"{executable} is not a Python program; its Python child processes get the shim "
+                  f"when they can import mlx_threadsafe")
+            return 0
+        print(f"command: {' '.join(command)}\ninterpreter: {python}\n", flush=True)
+        return subprocess.call([python, "-m", "mlx_threadsafe", "status"], env=env)
+    # exec, like ddtrace-run: the command keeps our pid, so signals reach it directly.
+    os.execve(executable, command, env)
+    return 0  # not reached
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="mlx-threadsafe", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("status", help="versions and the patch table, as install() would leave them")
     doctor_parser = commands.add_parser("doctor", help="run cross-thread scenarios without and with the shim")
     doctor_parser.add_argument("scenario", nargs="*", help="run only these scenarios")
+    run_parser = commands.add_parser("run", help="run a command with the shim installed in every Python process it starts")
+    run_parser.add_argument("--info", action="store_true", help="print what would be applied for that command's Python, and exit")
+    run_parser.add_argument("command_line", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]")
     args = parser.parse_args(argv)
+    if args.command == "run":
+        return run(args.command_line, args.info)
     if args.command == "status":
         import mlx_threadsafe
 

@@ -19,6 +19,8 @@ import threading
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
+from .testing import on_new_thread
+
 SCENARIOS: Dict[str, Callable[[], str]] = {}
 DESCRIPTIONS: Dict[str, str] = {}
 
@@ -30,24 +32,6 @@ def scenario(description: str):
         return fn
 
     return register
-
-
-def on_new_thread(fn: Callable, *args, **kwargs):
-    """Run `fn` on a fresh thread and return its result, re-raising its exception here."""
-    box: Dict[str, object] = {}
-
-    def run() -> None:
-        try:
-            box["result"] = fn(*args, **kwargs)
-        except BaseException as error:  # noqa: BLE001 - re-raised on the caller's thread
-            box["error"] = error
-
-    thread = threading.Thread(target=run, name=f"on-new-thread-{getattr(fn, '__name__', 'fn')}")
-    thread.start()
-    thread.join()
-    if "error" in box:
-        raise box["error"]  # type: ignore[misc]
-    return box.get("result")
 
 
 def _load(arch: str, **kwargs):

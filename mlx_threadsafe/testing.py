@@ -13,8 +13,9 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 from . import versions
 
@@ -44,6 +45,24 @@ LORA_CONFIG = {"fine_tune_type": "lora", "num_layers": 2,
                "lora_parameters": {"rank": 4, "scale": 10.0, "dropout": 0.0}}
 
 PROMPT = "w1 w2 w3 w4"
+
+
+def on_new_thread(fn: Callable, *args, **kwargs):
+    """Run `fn` on a fresh thread and return its result, re-raising its exception here."""
+    box: Dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            box["result"] = fn(*args, **kwargs)
+        except BaseException as error:  # noqa: BLE001 - re-raised on the caller's thread
+            box["error"] = error
+
+    thread = threading.Thread(target=run, name=f"on-new-thread-{getattr(fn, '__name__', 'fn')}")
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]  # type: ignore[misc]
+    return box.get("result")
 
 
 def cache_root() -> Path:

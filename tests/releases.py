@@ -5,6 +5,7 @@ its cache. They live in `.venvs/` at the repository root (ignored by git) and ar
 reused across runs; building one is safe when xdist workers race for it.
 """
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -16,9 +17,20 @@ VENVS = os.path.join(ROOT, ".venvs")
 MLX = "mlx[cpu]==0.32.4"
 
 
+def _packaging_digest() -> str:
+    # The package is installed editable, so code changes show at once; a change to how it
+    # is packaged (entry points, the start-up .pth) needs a fresh venv.
+    digest = hashlib.sha256()
+    for name in ("pyproject.toml", "setup.py"):
+        with open(os.path.join(ROOT, name), "rb") as source:
+            digest.update(source.read())
+    return digest.hexdigest()[:8]
+
+
 def release_python(requirement: str) -> str:
     """The interpreter of a venv with `requirement` (e.g. 'mlx-lm==0.31.1'), mlx, mlx-lm and this package."""
     name = requirement.replace("==", "-").replace("<", "-lt-").replace("[", "").replace("]", "")
+    name = f"{name}-{_packaging_digest()}"
     final = os.path.join(VENVS, name)
     python = os.path.join(final, "bin", "python")
     if os.path.exists(os.path.join(final, ".complete")):

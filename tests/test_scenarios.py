@@ -39,7 +39,7 @@ def test_a_generator_owned_by_its_thread_refuses_other_threads_with_a_clear_erro
         import importlib, json, mlx.core as mx, mlx_threadsafe
         mlx_threadsafe.install()
         from mlx_lm import load
-        from mlx_threadsafe.scenarios import on_new_thread
+        from mlx_threadsafe.testing import on_new_thread
         from mlx_threadsafe.testing import build_lm
         model, _ = load(str(build_lm("llama")))
         BatchGenerator = importlib.import_module("mlx_lm.generate").BatchGenerator
