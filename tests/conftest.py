@@ -6,6 +6,8 @@ import textwrap
 
 import pytest
 
+pytest_plugins = ["pytester"]
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
