@@ -179,6 +179,14 @@ def decide(patch: Patch, env: versions.Environment, matrix: Dict[str, PackageMat
     return Decision(False, f"{patch.package} {installed} is older than the matrix covers")
 
 
+def plan(patch: Patch, env: versions.Environment, matrix: Dict[str, PackageMatrix]) -> Decision:
+    """What install() does with `patch` in `env`, options aside: the matrix, then the backend rule."""
+    decision = decide(patch, env, matrix)
+    if decision.apply and patch.needs_thread_bound_streams and not env.streams_bound_to_threads:
+        return Decision(False, f"mlx {env.mlx} on {env.backend} does not bind streams to threads")
+    return decision
+
+
 # ------------------------------------------------------------------ state
 
 
@@ -267,11 +275,9 @@ class Registry:
             return row(DISABLED, "not in install(only=...)")
         if patch.id in exclude_ids:
             return row(DISABLED, "install(exclude=...)")
-        decision = decide(patch, env, matrix)
+        decision = plan(patch, env, matrix)
         if not decision.apply:
             return row(SKIPPED, decision.reason)
-        if patch.needs_thread_bound_streams and not env.streams_bound_to_threads:
-            return row(SKIPPED, f"mlx {env.mlx} on {env.backend} does not bind streams to threads")
         if decision.unknown_release:
             self._warn(
                 f"unknown:{patch.package}",

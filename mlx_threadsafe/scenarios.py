@@ -21,6 +21,19 @@ from typing import Callable, Dict, List, Optional
 
 from .testing import on_new_thread
 
+class NotApplicable(Exception):
+    """The release under test lacks what the scenario exercises (e.g. no BatchGenerator yet)."""
+
+
+def require(module: str, attribute: str):
+    import importlib
+
+    try:
+        return getattr(importlib.import_module(module), attribute)
+    except (ImportError, AttributeError):
+        raise NotApplicable(f"no {module}.{attribute} in this release") from None
+
+
 SCENARIOS: Dict[str, Callable[[], str]] = {}
 DESCRIPTIONS: Dict[str, str] = {}
 
@@ -101,10 +114,10 @@ def asyncio_to_thread() -> str:
 @scenario("two worker threads sample at temperature 1.0 and draw different text")
 def threads_sample_differently() -> str:
     from mlx_lm import generate
-    from mlx_lm.sample_utils import make_sampler
 
     from .testing import PROMPT
 
+    make_sampler = require("mlx_lm.sample_utils", "make_sampler")
     model, tokenizer = _load("llama")
     sampler = make_sampler(temp=1.0)
     outputs = [on_new_thread(generate, model, tokenizer, PROMPT, max_tokens=12, sampler=sampler) for _ in range(2)]
@@ -117,10 +130,7 @@ BATCH_PROMPTS = [[1, 5, 6, 7], [1, 8, 9, 10, 11], [1, 12, 13]]
 
 
 def _batch_generator(model, **kwargs):
-    import importlib
-
-    generate_module = importlib.import_module("mlx_lm.generate")
-    return generate_module.BatchGenerator(model, max_tokens=8, **kwargs)
+    return require("mlx_lm.generate", "BatchGenerator")(model, max_tokens=8, **kwargs)
 
 
 def _step(generator, tokens, lock=None) -> bool:
@@ -256,44 +266,140 @@ class Outcome:
     scenario: str
     ok: bool
     detail: str
+    applicable: bool = True
+
+
+# ------------------------------------------------------------------ mlx-vlm scenarios
+
+
+def _vlm_image():
+    import numpy as np
+    from PIL import Image
+
+    return Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype("uint8"))
+
+
+def _build_vlm(arch: str):
+    from .testing import build_vlm
+
+    require("mlx_vlm.utils", "update_module_configs")  # the offline builder needs it
+    return str(build_vlm(arch))
+
+
+@scenario("mlx-vlm: load a tiny gemma3 VLM (with processor) on main, generate with an image on a worker")
+def vlm_generate_on_worker() -> str:
+    from mlx_vlm import generate, load
+    from mlx_vlm.prompt_utils import apply_chat_template
+
+    model, processor = load(_build_vlm("gemma3"))
+    prompt = apply_chat_template(processor, model.config, "w1 w2", num_images=1)
+    image = _vlm_image()
+
+    def run() -> str:
+        result = generate(model, processor, prompt, image=[image], max_tokens=4, verbose=False)
+        return getattr(result, "text", result)
+
+    expected = run()
+    got = on_new_thread(run)
+    if got != expected:
+        raise AssertionError(f"worker gave {got!r}, main gave {expected!r}")
+    return repr(got)
+
+
+@scenario("mlx-vlm: load_model a tiny qwen2_vl on main, forward with an image on a worker")
+def vlm_qwen2_vl_forward_on_worker() -> str:
+    from pathlib import Path
+
+    import mlx.core as mx
+    import numpy as np
+    from mlx_vlm.utils import load_model
+
+    model = load_model(Path(_build_vlm("qwen2_vl")))
+    pixels = np.random.default_rng(0).standard_normal((16, 3 * 2 * 14 * 14)).astype(np.float32)
+
+    def forward():
+        ids = mx.array([[5, 288, 290, 290, 290, 290, 289, 7, 8]])
+        out = model(ids, pixel_values=mx.array(pixels), image_grid_thw=mx.array([[1, 4, 4]]))
+        logits = getattr(out, "logits", out)
+        return np.array(logits[0, -1].astype(mx.float32))
+
+    expected = forward()
+    got = on_new_thread(forward)
+    if not np.allclose(got, expected, atol=1e-4):
+        raise AssertionError("worker logits differ from main-thread logits")
+    return "same logits"
+
+
+def _outcome(line: Dict[str, object]) -> Outcome:
+    return Outcome(str(line["scenario"]), bool(line["ok"]), str(line["detail"]), bool(line.get("applicable", True)))
 
 
 def run_in_subprocess(name: str, shim: bool, python: Optional[str] = None, timeout: float = 300,
                       env: Optional[Dict[str, str]] = None) -> Outcome:
-    command = [python or sys.executable, "-m", "mlx_threadsafe.scenarios", name] + (["--shim"] if shim else [])
+    return run_batch([name], shim, python, timeout, env)[name]
+
+
+def run_batch(names: List[str], shim: bool, python: Optional[str] = None, timeout: float = 300,
+              env: Optional[Dict[str, str]] = None) -> Dict[str, Outcome]:
+    """Run scenarios one after another in one fresh process (imports are paid once).
+
+    A scenario that kills its process (segfault, abort) is reported from the exit code,
+    and the ones after it are run again, each in a process of its own.
+    """
+    command = [python or sys.executable, "-m", "mlx_threadsafe.scenarios", *names] + (["--shim"] if shim else [])
     child_env = dict(os.environ, **(env or {}))
     child_env.setdefault("HF_HUB_OFFLINE", "1")
     child_env.setdefault("TRANSFORMERS_OFFLINE", "1")
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=child_env)
-    except subprocess.TimeoutExpired:
-        return Outcome(name, False, f"hung for {timeout}s")
-    for line in reversed(done.stdout.splitlines()):
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout * len(names), env=child_env)
+        stdout, returncode, stderr = done.stdout, done.returncode, done.stderr
+    except subprocess.TimeoutExpired as expired:
+        stdout = expired.stdout.decode() if isinstance(expired.stdout, bytes) else (expired.stdout or "")
+        returncode, stderr = None, f"hung for {timeout * len(names)}s"
+    outcomes: Dict[str, Outcome] = {}
+    for line in stdout.splitlines():
         if line.startswith("{"):
-            result = json.loads(line)
-            if done.returncode != 0 and result["ok"]:
-                return Outcome(name, False, f"passed, then the process exited with {done.returncode}")
-            return Outcome(name, result["ok"], result["detail"])
-    tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-    return Outcome(name, False, f"process died (exit {done.returncode}): {tail}")
+            outcome = _outcome(json.loads(line))
+            outcomes[outcome.scenario] = outcome
+    if len(outcomes) == len(names):
+        if returncode != 0:  # every scenario reported, then the process died at exit
+            last = names[-1]
+            outcomes[last] = Outcome(last, False, f"passed, then the process exited with {returncode}")
+        return outcomes
+    if returncode is None:
+        died = f"hung for {timeout * len(names)}s"
+    else:
+        died = f"process died (exit {returncode}): {(stderr.strip().splitlines() or ['no output'])[-1]}"
+    remaining = [name for name in names if name not in outcomes]
+    outcomes[remaining[0]] = Outcome(remaining[0], False, died)
+    for name in remaining[1:]:
+        outcomes.update(run_batch([name], shim, python, timeout, env))
+    return outcomes
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     shim = "--shim" in argv
     names = [a for a in argv if not a.startswith("--")]
-    if len(names) != 1 or names[0] not in SCENARIOS:
-        print(f"usage: python -m mlx_threadsafe.scenarios {{{','.join(SCENARIOS)}}} [--shim]", file=sys.stderr)
+    unknown = [name for name in names if name not in SCENARIOS]
+    if not names or unknown:
+        print(f"usage: python -m mlx_threadsafe.scenarios NAME... [--shim]; names: {', '.join(SCENARIOS)}",
+              file=sys.stderr)
         return 2
     if shim:
         import mlx_threadsafe
 
         mlx_threadsafe.install()
-    try:
-        detail, ok = SCENARIOS[names[0]](), True
-    except Exception as error:  # noqa: BLE001 - the outcome is the report
-        detail, ok = f"{type(error).__name__}: {error}", False
-    print(json.dumps({"scenario": names[0], "ok": ok, "detail": str(detail)[:300]}), flush=True)
+    for name in names:
+        applicable = True
+        try:
+            detail, ok = SCENARIOS[name](), True
+        except NotApplicable as reason:
+            detail, ok, applicable = str(reason), True, False
+        except Exception as error:  # noqa: BLE001 - the outcome is the report
+            detail, ok = f"{type(error).__name__}: {error}", False
+        print(json.dumps({"scenario": name, "ok": ok, "detail": str(detail)[:300], "applicable": applicable}),
+              flush=True)
     return 0
 
 

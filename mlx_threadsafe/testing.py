@@ -125,18 +125,28 @@ def build_lm(arch: str = "llama", root: Optional[Path] = None) -> Path:
     """The directory of a tiny random mlx-lm model of `arch` (see LM_ARCHS); built once."""
     if arch not in LM_ARCHS:
         raise ValueError(f"unknown arch {arch!r}; choose one of {sorted(LM_ARCHS)}")
+    return build_lm_from_config(arch, LM_ARCHS[arch], root=root)
+
+
+def build_lm_from_config(name: str, config: Dict[str, Any], dtype: Optional[str] = None,
+                         root: Optional[Path] = None) -> Path:
+    """A random mlx-lm model directory for any config (benchmarks use larger ones); built once.
+
+    `dtype` (e.g. "bfloat16") casts the saved weights; `name` must be unique per config.
+    """
 
     def build(directory: Path) -> None:
         import mlx.core as mx
         from mlx.utils import tree_flatten
 
-        config = dict(LM_ARCHS[arch])
-        model = _random_model(config)
+        model = _random_model(dict(config))
+        if dtype is not None:
+            model.set_dtype(getattr(mx, dtype))
         mx.save_safetensors(str(directory / "model.safetensors"), dict(tree_flatten(model.parameters())))
         (directory / "config.json").write_text(json.dumps(dict(config, eos_token_id=EOS_TOKEN_ID), indent=1))
         _save_tokenizer(directory)
 
-    return _build_once(f"lm-{arch}", build, root)
+    return _build_once(f"lm-{name}" + (f"-{dtype}" if dtype else ""), build, root)
 
 
 def build_lora_adapter(arch: str = "llama", root: Optional[Path] = None) -> Path:
@@ -156,3 +166,97 @@ def build_lora_adapter(arch: str = "llama", root: Optional[Path] = None) -> Path
         (directory / "adapter_config.json").write_text(json.dumps(LORA_CONFIG, indent=1))
 
     return _build_once(f"lora-{arch}", build, root)
+
+
+# ------------------------------------------------------------------ mlx-vlm
+
+VLM_ARCHS: Dict[str, Dict[str, Any]] = {
+    # Loaded through the full mlx_vlm.load(): model and an offline processor.
+    "gemma3": {
+        "model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"], "image_token_index": 299,
+        "vocab_size": 300, "hidden_size": 64, "eos_token_id": [1],
+        "text_config": {"model_type": "gemma3_text", "hidden_size": 64, "num_hidden_layers": 2,
+                        "intermediate_size": 128, "num_attention_heads": 4, "head_dim": 16,
+                        "num_key_value_heads": 2, "vocab_size": 300, "sliding_window": 8,
+                        "sliding_window_pattern": 2, "mm_tokens_per_image": 4, "query_pre_attn_scalar": 16},
+        "vision_config": {"model_type": "siglip_vision_model", "num_hidden_layers": 2, "hidden_size": 32,
+                          "intermediate_size": 64, "num_attention_heads": 4, "patch_size": 14, "image_size": 56},
+    },
+    # Loaded with mlx_vlm.utils.load_model (no processor); MRoPE keeps `_rope_deltas` on the model.
+    "qwen2_vl": {
+        "model_type": "qwen2_vl", "architectures": ["Qwen2VLForConditionalGeneration"], "hidden_size": 64,
+        "num_hidden_layers": 2, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-6, "vocab_size": 300, "max_position_embeddings": 512, "rope_theta": 10000.0,
+        "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]}, "tie_word_embeddings": False,
+        "image_token_id": 290, "video_token_id": 291, "vision_start_token_id": 288, "vision_end_token_id": 289,
+        "eos_token_id": [1],
+        "vision_config": {"model_type": "qwen2_vl", "depth": 2, "embed_dim": 32, "hidden_size": 64,
+                          "num_heads": 4, "patch_size": 14, "spatial_patch_size": 14, "spatial_merge_size": 2,
+                          "temporal_patch_size": 2, "in_channels": 3, "mlp_ratio": 2.0},
+    },
+}
+
+
+def _random_vlm(config: Dict[str, Any]):
+    import mlx.core as mx
+    from mlx_vlm.utils import get_model_and_args, update_module_configs
+
+    model_class, _ = get_model_and_args(config=json.loads(json.dumps(config)))
+    filled = json.loads(json.dumps(config))
+    for part in ("text_config", "vision_config", "audio_config"):
+        filled.setdefault(part, {})
+    model_config = model_class.ModelConfig.from_dict(filled)
+    model_config = update_module_configs(model_config, model_class, filled,
+                                         ["text", "vision", "perceiver", "projector", "audio"])
+    mx.random.seed(0)
+    model = model_class.Model(model_config)
+    mx.eval(model.parameters())
+    return model
+
+
+def _save_gemma3_processor(directory: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_image>", "<end_of_image>", "<start_of_turn>",
+                "<end_of_turn>"]
+    tokens = specials + [f"w{i}" for i in range(299 - len(specials))] + ["<image_soft_token>"]  # id 299
+    tokenizer = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(tokens)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>",
+        extra_special_tokens={"image_token": "<image_soft_token>", "boi_token": "<start_of_image>",
+                              "eoi_token": "<end_of_image>"})
+    fast.chat_template = (
+        "{% for m in messages %}<start_of_turn> {% if m['content'] is string %}{{ m['content'] }}{% else %}"
+        "{% for c in m['content'] %}{% if c['type'] == 'image' %} <start_of_image> "
+        "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}"
+        " <end_of_turn> {% endfor %}<start_of_turn> ")
+    fast.save_pretrained(str(directory))
+    try:  # the PIL image processor needs no torch; its name changed across transformers releases
+        from transformers import Gemma3ImageProcessorPil as ImageProcessor
+    except ImportError:
+        from transformers import Gemma3ImageProcessor as ImageProcessor
+    ImageProcessor(size={"height": 56, "width": 56}).save_pretrained(str(directory))
+    (directory / "processor_config.json").write_text(
+        json.dumps({"processor_class": "Gemma3Processor", "image_seq_length": 4}))
+
+
+def build_vlm(arch: str = "gemma3", root: Optional[Path] = None) -> Path:
+    """The directory of a tiny random mlx-vlm model (see VLM_ARCHS); gemma3 comes with a processor."""
+    if arch not in VLM_ARCHS:
+        raise ValueError(f"unknown VLM arch {arch!r}; choose one of {sorted(VLM_ARCHS)}")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+    def build(directory: Path) -> None:
+        import mlx.core as mx
+        from mlx.utils import tree_flatten
+
+        model = _random_vlm(VLM_ARCHS[arch])
+        mx.save_safetensors(str(directory / "model.safetensors"), dict(tree_flatten(model.parameters())))
+        (directory / "config.json").write_text(json.dumps(VLM_ARCHS[arch], indent=1))
+        if arch == "gemma3":
+            _save_gemma3_processor(directory)
+
+    return _build_once(f"vlm-{arch}-vlm{versions.detect().mlx_vlm}", build, root)

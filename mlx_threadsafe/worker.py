@@ -9,7 +9,6 @@ on the thread itself.
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import concurrent.futures
 import itertools
@@ -51,8 +50,12 @@ class _Core:
     def __init__(self, name: str, queue_limit: int, device: Any) -> None:
         self.name = name
         self.device = device
-        self.queue: "queue.Queue[Any]" = queue.Queue(maxsize=queue_limit)
+        # SimpleQueue (C) keeps the hop as cheap as ThreadPoolExecutor's; the bound is
+        # kept by two counters with one writer each (submitters under `lock`, the thread).
+        self.queue: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
         self.queue_limit = queue_limit
+        self.submitted = 0
+        self.taken = 0
         self.lock = threading.Lock()
         self.closed = False
         self.started = threading.Event()
@@ -71,6 +74,7 @@ class _Core:
             item = self.queue.get()
             if item is _STOP:
                 break
+            self.taken += 1
             future, fn, args, kwargs = item
             if not future.set_running_or_notify_cancel():
                 continue
@@ -94,13 +98,13 @@ class _Core:
         with self.lock:
             if self.closed:
                 raise WorkerClosed(f"worker {self.name!r} is closed; cannot run {_describe(fn)}")
-            try:
-                self.queue.put_nowait((future, fn, args, kwargs))
-            except queue.Full:
+            if self.submitted - self.taken >= self.queue_limit:
                 raise WorkerQueueFull(
                     f"worker {self.name!r} has {self.queue_limit} operations queued (queue_limit); "
                     f"refusing {_describe(fn)}"
-                ) from None
+                )
+            self.submitted += 1
+            self.queue.put((future, fn, args, kwargs))
         return future
 
     def stop(self, teardown: Optional[Callable[[], Any]] = None) -> bool:
@@ -117,12 +121,13 @@ class _Core:
                     item = self.queue.get_nowait()
                 except queue.Empty:
                     break
+                if item is _STOP:
+                    continue
                 future, fn = item[0], item[1]
                 if future.set_running_or_notify_cancel():
                     future.set_exception(WorkerClosed(f"worker {self.name!r} closed before running {_describe(fn)}"))
                     cancelled += 1
-            # The queue is empty and closed to submitters, so this put never blocks.
-            self.queue.put_nowait(_STOP)
+            self.queue.put(_STOP)
         log.debug("worker %s closing; %d queued operations cancelled", self.name, cancelled)
         return True
 
@@ -178,7 +183,8 @@ class Worker:
 
     @property
     def queue_depth(self) -> int:
-        return self._core.queue.qsize()
+        core = self._core
+        return 0 if core.closed else max(0, core.submitted - core.taken)
 
     @property
     def is_alive(self) -> bool:
@@ -221,9 +227,9 @@ class Worker:
         From the worker's own thread the call runs inline, so work that calls back
         into its owner does not deadlock.
         """
-        if self.owns_current_thread():
+        if threading.get_ident() == self._core.thread.ident:  # type: ignore[union-attr]
             return fn(*args, **kwargs)
-        future = self.submit(fn, *args, **kwargs)
+        future = self._core.submit(fn, args, kwargs)
         try:
             return future.result(self.await_timeout)
         except concurrent.futures.TimeoutError:
@@ -237,6 +243,8 @@ class Worker:
 
     async def acall(self, fn: Callable, *args: Any, **kwargs: Any) -> Any:
         """The awaitable form of call(), for asyncio code."""
+        import asyncio  # here, not at the top: only asyncio code pays for importing it
+
         if self.owns_current_thread():
             return fn(*args, **kwargs)
         future = asyncio.wrap_future(self.submit(fn, *args, **kwargs))

@@ -9,6 +9,8 @@ import pytest
 pytest_plugins = ["pytester"]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)  # compat_matrix (the harness) lives at the root, beside the package
 
 
 def run_python(code: str, python: str = sys.executable, env=None, timeout: float = 300):

@@ -1,0 +1,69 @@
+"""The compat-matrix harness: the committed evidence agrees with the runtime matrix, and the
+check catches a wrong matrix row; the CI subset of releases is verified for real."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from compat_matrix import verify
+from conftest import ROOT
+
+
+def _matrix_text():
+    from importlib.resources import files
+
+    return files("mlx_threadsafe").joinpath("compat.toml").read_text()
+
+
+def test_the_committed_evidence_covers_the_ci_subset_and_agrees_with_the_matrix():
+    records = verify.load_evidence()
+    keys = {f"{r['package']}=={r['release']}" for r in records.values()}
+    assert set(verify.RELEASES["ci"]) <= keys
+    assert verify.check(records) == []
+
+
+def test_a_matrix_row_that_drops_a_needed_patch_is_caught():
+    wrong = _matrix_text().replace(
+        'patches = ["mlx_lm.generation_stream", "mlx_lm.load.materialize"]',
+        'patches = ["mlx_lm.load.materialize"]', 1)
+    assert wrong != _matrix_text()
+    problems = verify.check(verify.load_evidence(), wrong)
+    assert any("drops mlx_lm.generation_stream, but generate_on_worker" in p for p in problems), problems
+
+
+def test_a_matrix_row_that_adds_an_unverified_patch_is_caught():
+    records = {k: r for k, r in verify.load_evidence().items() if r["state"] == "ran" and r["mlx"] == "0.32.4"
+               and r["package"] == "mlx-lm" and r["release"] == "0.20.1"}
+    assert records, "the evidence lacks mlx-lm 0.20.1 on mlx 0.32.4"
+    wrong = _matrix_text().replace(
+        'patches = ["mlx_lm.generation_stream", "mlx_lm.load.materialize"]',
+        'patches = ["mlx_lm.generation_stream", "mlx_lm.load.materialize", "mlx_lm.BatchGenerator.owner"]', 1)
+    problems = verify.check(records, wrong)
+    assert any("applies mlx_lm.BatchGenerator.owner, but the evidence never ran it" in p for p in problems), problems
+
+
+def test_a_scenario_failing_with_the_shim_is_a_disagreement():
+    records = json.loads(json.dumps(verify.load_evidence()))
+    record = next(r for r in records.values() if r["state"] == "ran")
+    name = next(iter(record["scenarios"]))
+    record["scenarios"][name]["verdict"] = "FAILS"
+    record["scenarios"][name]["with"]["detail"] = "RuntimeError: boom"
+    assert any(f"{name} fails with the shim: RuntimeError: boom" in p for p in verify.check(records))
+
+
+@pytest.mark.release
+def test_verify_reruns_one_release_and_the_matrix_still_agrees(tmp_path):
+    target = verify.Target("mlx-lm", "0.31.1", "0.32.4")
+    record = verify.run_target(target)
+    assert record["state"] == "ran", record
+    assert record["scenarios"]["generate_on_worker"]["verdict"] == "fixed"
+    assert verify.check({target.key: record}) == []
+
+
+def test_check_command_exits_zero_on_the_committed_evidence():
+    done = subprocess.run([sys.executable, "-m", "compat_matrix", "check"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "the matrix agrees with it" in done.stdout
