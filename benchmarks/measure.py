@@ -53,9 +53,9 @@ def _decode(model, tokens: int) -> None:
         pass
 
 
-def generation(path: str, smoke: bool) -> Dict[str, Any]:
+def generation(path: str, smoke: bool, device: str) -> Dict[str, Any]:
     model, _ = _load(path)
-    tokens, reps = (16, 2) if smoke else (128, 4)
+    tokens, reps = (16, 2) if smoke else (512 if device == "gpu" else 128, 4)
     _decode(model, 8)  # warm-up: compile caches, allocator
     rates = []
     for _ in range(reps):
@@ -163,9 +163,9 @@ def materialize_cost(path: str) -> Dict[str, Any]:
             "share_of_load": materialize_s / load_s}
 
 
-def concurrency(path: str, shim: bool, smoke: bool) -> Dict[str, Any]:
+def concurrency(path: str, shim: bool, smoke: bool, device: str) -> Dict[str, Any]:
     """K models, each with its own requests: serial, raw threads, a global lock, or owner Workers."""
-    tokens, requests = (8, 2) if smoke else (64, 4)
+    tokens, requests = (8, 2) if smoke else ((128, 8) if device == "gpu" else (64, 4))
     results: Dict[str, Any] = {}
     for k in (1, 2, 4):
         modes = ["workers"] if shim else ["serial", "raw_threads", "global_lock"]
@@ -237,7 +237,7 @@ def main(argv: List[str]) -> int:
 
         mlx_threadsafe.install()
     if section == "generation":
-        result = generation(model_dir(values["--model"], device), smoke)
+        result = generation(model_dir(values["--model"], device), smoke, device)
     elif section == "round_trip":
         result = round_trip(smoke, pinned="--pinned" in flags)
     elif section == "install":
@@ -247,7 +247,7 @@ def main(argv: List[str]) -> int:
     elif section == "materialize":
         result = materialize_cost(model_dir(values["--model"], device))
     elif section == "concurrency":
-        result = concurrency(model_dir(values["--model"], device), shim, smoke)
+        result = concurrency(model_dir(values["--model"], device), shim, smoke, device)
     else:
         raise SystemExit(f"unknown section {section!r}")
     print(json.dumps(result))

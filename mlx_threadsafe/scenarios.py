@@ -362,9 +362,9 @@ def run_batch(names: List[str], shim: bool, python: Optional[str] = None, timeou
             outcome = _outcome(json.loads(line))
             outcomes[outcome.scenario] = outcome
     if len(outcomes) == len(names):
-        if returncode != 0:  # every scenario reported, then the process died at exit
-            last = names[-1]
-            outcomes[last] = Outcome(last, False, f"passed, then the process exited with {returncode}")
+        last = outcomes[names[-1]]
+        if returncode != 0 and last.ok:  # every scenario reported, then the process died at exit
+            outcomes[last.scenario] = Outcome(last.scenario, False, f"passed, then the process exited with {returncode}")
         return outcomes
     if returncode is None:
         died = f"hung for {timeout * len(names)}s"

@@ -31,7 +31,7 @@ def test_passes_with_the_shim(name, tiny_models):
 
 def test_the_off_thread_failures_are_the_stream_errors_users_search_for(tiny_models):
     outcome = run_in_subprocess("lazy_rope_on_worker", shim=False)
-    assert "There is no Stream(cpu, 0) in current thread" in outcome.detail
+    assert "There is no Stream(cpu, 0) in current thread" in outcome.detail, outcome.detail
 
 
 def test_a_generator_owned_by_its_thread_refuses_other_threads_with_a_clear_error(tiny_models):

@@ -14,15 +14,14 @@ ends (see `mlx_threadsafe.streams`).
 from .. import streams
 from ..originals import Originals
 from ..registry import Patch
-from .rebind import module_attribute
-from .thread_adoption import adopting
+from . import thread_adoption
 
 _originals = Originals()
 
 
 def apply(mlx_core):
-    for name in ("eval", "async_eval"):
-        _originals.set_attribute(mlx_core, name, adopting(module_attribute("mlx.core", name)))
+    thread_adoption.require(mlx_core, "mlx.thread_cleanup")
+    _originals.on_restore(lambda: thread_adoption.release("mlx.thread_cleanup"))
     streams.cleanup_enabled = True
     _originals.on_restore(lambda: setattr(streams, "cleanup_enabled", False))
 

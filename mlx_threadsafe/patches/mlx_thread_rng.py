@@ -15,8 +15,7 @@ import wrapt
 from .. import streams
 from ..originals import Originals
 from ..registry import Patch
-from .rebind import module_attribute
-from .thread_adoption import adopting
+from . import thread_adoption
 
 _originals = Originals()
 
@@ -30,8 +29,8 @@ def _remember_explicit_seed(wrapped, instance, args, kwargs):
 
 
 def apply(mlx_core):
-    for name in ("eval", "async_eval"):
-        _originals.set_attribute(mlx_core, name, adopting(module_attribute("mlx.core", name)))
+    thread_adoption.require(mlx_core, "mlx.thread_rng")
+    _originals.on_restore(lambda: thread_adoption.release("mlx.thread_rng"))
     random = mlx_core.random
     _originals.set_attribute(random, "seed", wrapt.FunctionWrapper(random.seed, _remember_explicit_seed))
     streams.rng_enabled = True
