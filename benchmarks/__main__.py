@@ -35,21 +35,14 @@ SECTIONS = ["generation", "round_trip", "install", "materialize", "concurrency"]
 def run(device: str, smoke: bool, only=None) -> Dict[str, Any]:
     common = ["--device", device] + (["--smoke"] if smoke else [])
     models = ["tiny", "wide-gpu"] if device == "gpu" else ["tiny", "mid-cpu"]
-    rounds = 1 if smoke else 5
     results: Dict[str, Any] = {"device": device, "smoke": smoke, "environment": _environment()}
     sections = only or SECTIONS
 
     if "generation" in sections:
-        generation = {}
+        results["generation"] = {}
         for model in models:
-            samples: Dict[str, List[float]] = {"unpatched": [], "patched": []}
-            for _ in range(rounds):  # interleaved, so drift in the machine hits both sides alike
-                samples["unpatched"].append(measure("generation", "--model", model, *common)["tokens_per_s"])
-                samples["patched"].append(measure("generation", "--model", model, "--shim", *common)["tokens_per_s"])
-            medians = {side: statistics.median(values) for side, values in samples.items()}
-            generation[model] = dict(medians, ratio=medians["patched"] / medians["unpatched"], samples=samples)
-            print(f"generation {model}: patched/unpatched = {generation[model]['ratio']:.3f}", flush=True)
-        results["generation"] = generation
+            results["generation"][model] = measure("generation", "--model", model, *common)
+            print(f"generation {model}: patched/unpatched = {results['generation'][model]['ratio']:.3f}", flush=True)
     if "round_trip" in sections:
         results["round_trip"] = measure("round_trip", "--pinned", *common)
         results["round_trip_unpinned"] = measure("round_trip", *common)
