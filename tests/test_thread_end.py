@@ -1,19 +1,12 @@
 """Threads that used MLX end cleanly, and draw distinct, reproducible random numbers."""
 
+import os
+
 import pytest
 
 from conftest import run_json, run_python
 
-EXIT_SCRIPT = """
-import sys, threading
-if sys.argv[-1] == "shim":
-    import mlx_threadsafe; mlx_threadsafe.install()
-from mlx_lm import load, generate
-from mlx_threadsafe.testing import build_lm, PROMPT
-model, tokenizer = load(str(build_lm("llama")))
-thread = threading.Thread(target=lambda: generate(model, tokenizer, PROMPT, max_tokens=4))
-thread.start(); thread.join()
-"""
+EXIT_SCRIPT = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "exit_script.py")).read()
 
 
 def exit_codes(shim: bool, runs: int):
