@@ -61,12 +61,19 @@ def every_release() -> List[str]:
     return [f"{package}=={release}" for package in ("mlx-lm", "mlx-vlm") for release in RELEASES[package]]
 
 
+THREAD_ERRORS = ("Stream", "process died", "hung for", "thread")
+
+
 def verdict(without: Dict[str, Any], with_shim: Dict[str, Any]) -> str:
+    """fixed | not-needed | n/a | broken (the release cannot do this on this mlx, shim or not) | FAILS."""
     if not (without["applicable"] and with_shim["applicable"]):
         return "n/a"
-    if not with_shim["ok"]:
-        return "FAILS"
-    return "not-needed" if without["ok"] else "fixed"
+    if with_shim["ok"]:
+        return "not-needed" if without["ok"] else "fixed"
+    same_failure = not without["ok"] and without["detail"] == with_shim["detail"]
+    if same_failure and not any(mark in with_shim["detail"] for mark in THREAD_ERRORS):
+        return "broken"
+    return "FAILS"
 
 
 def _applied_patches(python: str, package: str) -> List[str]:
@@ -112,7 +119,7 @@ def summarize(record: Dict[str, Any]) -> str:
     if record["state"] != "ran":
         return f"cannot run ({record['reason'][:100]})"
     verdicts = [s["verdict"] for s in record["scenarios"].values()]
-    return ", ".join(f"{verdicts.count(v)} {v}" for v in ("fixed", "not-needed", "n/a", "FAILS") if v in verdicts)
+    return ", ".join(f"{verdicts.count(v)} {v}" for v in ("fixed", "not-needed", "n/a", "broken", "FAILS") if v in verdicts)
 
 
 # ------------------------------------------------------------------ evidence

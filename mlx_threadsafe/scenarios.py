@@ -50,8 +50,10 @@ def scenario(description: str):
 def _load(arch: str, **kwargs):
     from mlx_lm import load
 
-    from .testing import build_lm
+    from .testing import LM_ARCHS, build_lm
 
+    model_type = LM_ARCHS[arch]["model_type"]
+    require(f"mlx_lm.models.{model_type}", "Model")  # older releases lack newer architectures
     return load(str(build_lm(arch)), **kwargs)
 
 
@@ -240,6 +242,10 @@ def batch_generator_collected_on_foreign_thread() -> str:
     mx.synchronize = metal_like_synchronize
     unraisable = []
     sys.unraisablehook = lambda info: unraisable.append(f"{info.exc_type.__name__}: {info.exc_value}")
+    import inspect
+
+    if "stream" not in inspect.signature(require("mlx_lm.generate", "BatchGenerator")).parameters:
+        raise NotApplicable("this BatchGenerator takes no stream= (no close() sync to guard)")
     model, _ = _load("llama")
     box: Dict[str, object] = {}
 

@@ -25,9 +25,9 @@ def test_the_committed_evidence_covers_the_ci_subset_and_agrees_with_the_matrix(
 
 
 def test_a_matrix_row_that_drops_a_needed_patch_is_caught():
-    wrong = _matrix_text().replace(
-        'patches = ["mlx_lm.generation_stream", "mlx_lm.load.materialize"]',
-        'patches = ["mlx_lm.load.materialize"]', 1)
+    # the 0.29.1-0.31.2 row without generation_stream: 0.31.1 needs it on mlx 0.32.4
+    row = _matrix_text().split('releases = ">=0.29.1,<0.31.3"')[1].split("[[")[0]
+    wrong = _matrix_text().replace(row, row.replace('"mlx_lm.generation_stream",', "", 1))
     assert wrong != _matrix_text()
     problems = verify.check(verify.load_evidence(), wrong)
     assert any("drops mlx_lm.generation_stream, but generate_on_worker" in p for p in problems), problems
@@ -61,10 +61,6 @@ def test_the_ci_subset_verified_again_agrees_with_the_matrix(requirement):
     record = verify.run_target(target)
     assert record["state"] == "ran", record
     assert verify.check({target.key: record}) == []
-    committed = verify.load_evidence().get(target.key)
-    if committed is not None:  # the same verdicts as the committed evidence
-        assert {n: r["verdict"] for n, r in record["scenarios"].items()} == \
-            {n: r["verdict"] for n, r in committed["scenarios"].items()}
 
 
 def test_check_command_exits_zero_on_the_committed_evidence():

@@ -20,4 +20,5 @@ def revert():
     _owner.revert()
 
 
-PATCH = Patch("mlx_lm.BatchGenerator.owner", "mlx-lm", "mlx_lm", apply, revert)
+# Two threads stepping one generator crash with or without thread-bound streams.
+PATCH = Patch("mlx_lm.BatchGenerator.owner", "mlx-lm", "mlx_lm", apply, revert, needs_thread_bound_streams=False)

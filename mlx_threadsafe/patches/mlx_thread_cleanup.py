@@ -30,4 +30,5 @@ def revert():
     _originals.restore()
 
 
-PATCH = Patch("mlx.thread_cleanup", "mlx", "mlx.core", apply, revert)
+# The compile cache is per thread from 0.31.2 on every backend, streams bound or not.
+PATCH = Patch("mlx.thread_cleanup", "mlx", "mlx.core", apply, revert, needs_thread_bound_streams=False)
