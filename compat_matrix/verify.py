@@ -77,9 +77,11 @@ def verdict(without: Dict[str, Any], with_shim: Dict[str, Any]) -> str:
 
 
 def _applied_patches(python: str, package: str) -> List[str]:
+    """The patches the shim put in place there, or will when their module (a server) is imported."""
     module = package.replace("-", "_")
     code = (f"import json, mlx.core, {module}, mlx_threadsafe; "
-            "print(json.dumps(mlx_threadsafe.install().ids('applied')))")
+            "status = mlx_threadsafe.install(); "
+            "print(json.dumps(status.ids('applied') + status.ids('pending-import')))")
     done = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1"))
     if done.returncode != 0:

@@ -78,9 +78,14 @@ def _wait_listening(port: int, process: subprocess.Popen, timeout: float) -> Non
     raise RuntimeError(f"server not listening on {port} after {timeout:.0f}s")
 
 
-def _request_body(index: int, hang_up: bool) -> Dict[str, object]:
-    body: Dict[str, object] = {"max_tokens": 8, "temperature": 0.0, "stream": hang_up or index % 2 == 1}
-    if index % 4 < 2:
+# mlx_vlm.server speaks chat only and requires the `model` field.
+CHAT_ONLY_SERVERS = ("mlx_vlm.server",)
+
+
+def _request_body(index: int, hang_up: bool, model: str, chat_only: bool) -> Dict[str, object]:
+    body: Dict[str, object] = {"model": model, "max_tokens": 8, "temperature": 0.0,
+                               "stream": hang_up or index % 2 == 1}
+    if chat_only or index % 4 < 2:
         body["messages"] = [{"role": "user", "content": f"w{5 + index} w7 w9"}]
     else:
         body["prompt"] = f"w{5 + index} w7 w9"
@@ -107,9 +112,10 @@ def _post(port: int, path: str, body: Dict[str, object], timeout: float, retries
     raise AssertionError("unreachable")
 
 
-def _one_client(port: int, index: int, hang_up: bool, timeout: float, retries: List[int]) -> str:
+def _one_client(port: int, index: int, hang_up: bool, timeout: float, retries: List[int], model: str,
+                chat_only: bool) -> str:
     """'answered', 'hung-up', or raises with what went wrong."""
-    body = _request_body(index, hang_up)
+    body = _request_body(index, hang_up, model, chat_only)
     path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
     connection, response = _post(port, path, body, timeout, retries)
     try:
@@ -166,7 +172,8 @@ def soak(python: str, model: str, server: str = "mlx_lm.server", via: str = "non
 
             def client(index: int, hang_up: bool) -> None:
                 try:
-                    outcomes.append(_one_client(port, index, hang_up, request_timeout, retries))
+                    outcomes.append(_one_client(port, index, hang_up, request_timeout, retries, model,
+                                                server in CHAT_ONLY_SERVERS))
                 except Exception as error:  # noqa: BLE001 - counted, reported
                     outcomes.append(f"{type(error).__name__}: {error}")
 

@@ -44,3 +44,30 @@ def test_server_with_the_start_up_hook_answers_every_request():
     python, model = _release_model("0.31.1")
     result = soak(python, model, via="env")
     assert result.ok, result.summary() + "\n" + result.stderr_tail
+
+
+def _vlm_release_model(version="0.7.10"):
+    python = release_python(f"mlx-vlm=={version}", extra=())
+    built = run_python("from mlx_threadsafe.testing import build_vlm; print(build_vlm('gemma3'))", python=python)
+    assert built.returncode == 0, built.stderr
+    return python, built.stdout.strip().splitlines()[-1]
+
+
+@pytest.mark.release
+def test_vlm_server_under_the_runner_answers_every_request_and_exits_cleanly():
+    python, model = _vlm_release_model()
+    result = soak(python, model, server="mlx_vlm.server", via="run")
+    assert result.ok, result.summary() + "\n" + result.stderr_tail
+
+
+@pytest.mark.release
+def test_vlm_server_without_the_shim_aborts_at_shutdown():
+    python, model = _vlm_release_model()
+    results = []
+    for _ in range(3):  # it aborted in every run measured; allow for a lucky exit
+        results.append(soak(python, model, server="mlx_vlm.server", via="none", clients=4, hang_ups=0))
+        if results[-1].exit_code != 0:
+            break
+    assert results[-1].answered == 4, results[-1].summary()
+    assert results[-1].exit_code != 0 and any("terminate called" in l for l in results[-1].bad_stderr), \
+        [r.summary() for r in results]

@@ -9,6 +9,7 @@ from . import (
     mlx_thread_rng,
     mlx_vlm_generation_stream,
     mlx_vlm_load,
+    mlx_vlm_server_generation,
 )
 
 ALL = [
@@ -20,4 +21,5 @@ ALL = [
     mlx_lm_batch_generator_close_guard.PATCH,
     mlx_vlm_generation_stream.PATCH,
     mlx_vlm_load.PATCH,
+    mlx_vlm_server_generation.PATCH,
 ]
