@@ -33,3 +33,18 @@ def tiny_models():
     from mlx_threadsafe import testing
 
     return {arch: testing.build_lm(arch) for arch in testing.LM_ARCHS}
+
+
+# Data races: without the shim they crash or corrupt most runs, not every run.
+RACE_SCENARIOS = {"batch_generator_shared_by_2_threads", "batch_generator_shared_by_8_threads"}
+
+
+def failure_without_shim(name: str, python: str = None, tries: int = 3):
+    """The first failing outcome without the shim (a race gets `tries` runs), or None."""
+    from mlx_threadsafe.scenarios import run_in_subprocess
+
+    for _ in range(tries if name in RACE_SCENARIOS else 1):
+        outcome = run_in_subprocess(name, shim=False, python=python)
+        if not outcome.ok:
+            return outcome
+    return None
