@@ -15,11 +15,13 @@ import itertools
 import logging
 import queue
 import threading
+import warnings
 import weakref
 from concurrent.futures import Future
 from typing import Any, Callable, List, Optional
 
 from . import streams
+from .registry import MlxThreadsafeWarning
 
 log = logging.getLogger("mlx_threadsafe")
 
@@ -113,6 +115,10 @@ class _Core:
             if teardown is not None and not self.closed:
                 self.teardown.append(teardown)
             if self.closed:
+                if teardown is not None:
+                    # the thread may already be past its teardown steps: say so, never drop it silently
+                    warnings.warn(f"worker {self.name!r} was already closed; teardown "
+                                  f"{_describe(teardown)} was not run", MlxThreadsafeWarning, stacklevel=4)
                 return False
             self.closed = True
             cancelled = 0

@@ -124,6 +124,17 @@ def test_close_runs_teardown_on_the_worker_thread():
     assert seen == ["tears-down"]
 
 
+def test_a_teardown_given_to_an_already_closed_worker_is_reported_not_dropped():
+    from mlx_threadsafe import MlxThreadsafeWarning
+
+    worker = Worker()
+    worker.close()
+    ran = []
+    with pytest.warns(MlxThreadsafeWarning, match="already closed; teardown .* was not run"):
+        worker.close(teardown=lambda: ran.append(True))
+    assert ran == []
+
+
 def test_an_unreferenced_worker_is_stopped_when_collected():
     worker = Worker()
     thread = worker.thread
