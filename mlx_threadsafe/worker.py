@@ -211,7 +211,8 @@ class Worker:
         return self._core.stream
 
     def owns_current_thread(self) -> bool:
-        return threading.current_thread() is self._core.thread
+        # get_ident() is cheaper than current_thread(), and call() asks on every hop
+        return threading.get_ident() == self._core.thread.ident  # type: ignore[union-attr]
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"queue_depth={self.queue_depth}"
@@ -233,7 +234,7 @@ class Worker:
         From the worker's own thread the call runs inline, so work that calls back
         into its owner does not deadlock.
         """
-        if threading.get_ident() == self._core.thread.ident:  # type: ignore[union-attr]
+        if self.owns_current_thread():
             return fn(*args, **kwargs)
         future = self._core.submit(fn, args, kwargs)
         try:

@@ -15,11 +15,16 @@ RELEASES = ["0.30.7", "0.31.1", "0.31.3", "0.32.2"]
 FAILING_WITHOUT_SHIM = ["0.30.7", "0.31.1"]  # module stream made on the importing thread
 
 
-def _release_model(version):
-    python = release_python(f"mlx-lm=={version}")
-    built = run_python("from mlx_threadsafe.testing import build_lm; print(build_lm('llama'))", python=python)
+def _model_in_venv(requirement, build, extra=("mlx-lm",)):
+    """The release venv's python and a tiny model built there by `build` (e.g. "build_lm('llama')")."""
+    python = release_python(requirement, extra=extra)
+    built = run_python(f"from mlx_threadsafe import testing; print(testing.{build})", python=python)
     assert built.returncode == 0, built.stderr
     return python, built.stdout.strip().splitlines()[-1]
+
+
+def _release_model(version):
+    return _model_in_venv(f"mlx-lm=={version}", "build_lm('llama')")
 
 
 @pytest.mark.release
@@ -47,10 +52,7 @@ def test_server_with_the_start_up_hook_answers_every_request():
 
 
 def _vlm_release_model(version="0.7.10"):
-    python = release_python(f"mlx-vlm=={version}", extra=())
-    built = run_python("from mlx_threadsafe.testing import build_vlm; print(build_vlm('gemma3'))", python=python)
-    assert built.returncode == 0, built.stderr
-    return python, built.stdout.strip().splitlines()[-1]
+    return _model_in_venv(f"mlx-vlm=={version}", "build_vlm('gemma3')", extra=())
 
 
 @pytest.mark.release

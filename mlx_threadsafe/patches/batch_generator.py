@@ -120,11 +120,18 @@ def _delete_on_owner(wrapped, instance, args, kwargs):
         owner.worker.submit(wrapped, *args, **kwargs)
 
 
-class BatchGeneratorOwnerPatch:
+class _BatchGeneratorPatch:
+    """A patch of the BatchGenerator class found in `module_names`; revert restores every original."""
+
     def __init__(self, module_names: Sequence[str]) -> None:
         self.module_names = list(module_names)
         self.originals = Originals()
 
+    def revert(self) -> None:
+        self.originals.restore()
+
+
+class BatchGeneratorOwnerPatch(_BatchGeneratorPatch):
     def apply(self, package) -> None:
         cls = find_class(self.module_names, "BatchGenerator")
         self.originals.set_attribute(cls, "__init__", wrapt.FunctionWrapper(cls.__init__, _construct))
@@ -136,9 +143,6 @@ class BatchGeneratorOwnerPatch:
             self.originals.set_attribute(cls, "close", wrapt.FunctionWrapper(cls.close, _close_on_owner))
         if "__del__" in vars(cls):
             self.originals.set_attribute(cls, "__del__", wrapt.FunctionWrapper(cls.__del__, _delete_on_owner))
-
-    def revert(self) -> None:
-        self.originals.restore()
 
 
 def _swallow_foreign_stream(wrapped, instance, args, kwargs):
@@ -160,11 +164,7 @@ def _never_raise(wrapped, instance, args, kwargs):
         log.debug("%s.__del__: ignored %r", type(instance).__name__, error)
 
 
-class CloseGuardPatch:
-    def __init__(self, module_names: Sequence[str]) -> None:
-        self.module_names = list(module_names)
-        self.originals = Originals()
-
+class CloseGuardPatch(_BatchGeneratorPatch):
     def apply(self, package) -> None:
         cls = find_class(self.module_names, "BatchGenerator")
         if "close" not in vars(cls):
@@ -172,6 +172,3 @@ class CloseGuardPatch:
         self.originals.set_attribute(cls, "close", wrapt.FunctionWrapper(cls.close, _swallow_foreign_stream))
         if "__del__" in vars(cls):
             self.originals.set_attribute(cls, "__del__", wrapt.FunctionWrapper(cls.__del__, _never_raise))
-
-    def revert(self) -> None:
-        self.originals.restore()
