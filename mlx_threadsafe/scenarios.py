@@ -326,8 +326,12 @@ def vlm_qwen2_vl_forward_on_worker() -> str:
     def forward():
         ids = mx.array([[5, 288, 290, 290, 290, 290, 289, 7, 8]])
         out = model(ids, pixel_values=mx.array(pixels), image_grid_thw=mx.array([[1, 4, 4]]))
-        logits = getattr(out, "logits", out)
-        return np.array(logits[0, -1].astype(mx.float32))
+        logits = getattr(out, "logits", out)[0, -1].astype(mx.float32)
+        # Evaluate explicitly, as mlx-vlm's own generate does: a thread that only evaluates
+        # implicitly (np.array, .item()) is not adopted for its end-of-thread cleanup (a
+        # known gap), and the process then aborts at exit in some runs.
+        mx.eval(logits)
+        return np.array(logits)
 
     expected = forward()
     got = on_new_thread(forward)
