@@ -37,9 +37,9 @@ def test_a_matrix_row_that_adds_an_unverified_patch_is_caught():
     records = {k: r for k, r in verify.load_evidence().items() if r["state"] == "ran" and r["mlx"] == "0.32.4"
                and r["package"] == "mlx-lm" and r["release"] == "0.20.1"}
     assert records, "the evidence lacks mlx-lm 0.20.1 on mlx 0.32.4"
-    wrong = _matrix_text().replace(
-        'patches = ["mlx_lm.generation_stream", "mlx_lm.load.materialize"]',
-        'patches = ["mlx_lm.generation_stream", "mlx_lm.load.materialize", "mlx_lm.BatchGenerator.owner"]', 1)
+    first_row = 'releases = ">=0.20.1,<0.28.0"\npatches = ["mlx_lm.generation_stream",'
+    assert first_row in _matrix_text()
+    wrong = _matrix_text().replace(first_row, first_row + ' "mlx_lm.BatchGenerator.owner",', 1)
     problems = verify.check(records, wrong)
     assert any("applies mlx_lm.BatchGenerator.owner, but the evidence never ran it" in p for p in problems), problems
 

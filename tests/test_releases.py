@@ -105,3 +105,37 @@ def test_the_shim_works_with_wrapt_1(name):
     assert version.startswith("1.")
     outcome = run_in_subprocess(name, shim=True, python=python)
     assert outcome.ok, outcome.detail
+
+
+@pytest.mark.release
+def test_threads_sharing_one_tokenizer_get_their_own_text_on_releases_with_one_detokenizer():
+    # mlx-lm up to 0.27.1 hands one streaming detokenizer to every stream_generate.
+    python = release_python("mlx-lm==0.26.4")
+    only_streams = run_in_subprocess("eight_threads_match_serial", shim=True, python=python,
+                                     env={"MLX_THREADSAFE_DISABLE": "mlx_lm.TokenizerWrapper.detokenizer"})
+    assert not only_streams.ok and "!= serial" in only_streams.detail, only_streams.detail
+    outcome = run_in_subprocess("eight_threads_match_serial", shim=True, python=python)
+    assert outcome.ok, outcome.detail
+
+
+@pytest.mark.release
+def test_a_thread_that_samples_before_it_first_evaluates_gets_its_own_key():
+    # mlx-lm 0.26.4 samples the first token of a short prompt while still building the
+    # graph; on mlx 0.31.2 every new thread starts from the same key.
+    python = release_python("mlx-lm==0.26.4", mlx="0.31.2")
+    without = run_in_subprocess("threads_sample_differently", shim=False, python=python)
+    assert not without.ok and "same text" in without.detail, without.detail
+    outcome = run_in_subprocess("threads_sample_differently", shim=True, python=python)
+    assert outcome.ok, outcome.detail
+
+
+@pytest.mark.release
+@pytest.mark.parametrize("name", ["generate_on_worker", "lazy_rope_on_worker"])
+def test_the_oldest_release_fails_without_the_shim_and_passes_with_it(name):
+    # mlx-lm 0.20.1 keeps its stream in mlx_lm/utils.py; the harness lets its Metal-only
+    # wired_limit run on Linux in both runs.
+    python = release_python("mlx-lm==0.20.1")
+    without = run_in_subprocess(name, shim=False, python=python)
+    assert not without.ok and "There is no Stream" in without.detail, without.detail
+    outcome = run_in_subprocess(name, shim=True, python=python)
+    assert outcome.ok, outcome.detail

@@ -3,6 +3,7 @@
 from . import (
     mlx_lm_batch_generator_close_guard,
     mlx_lm_batch_generator_owner,
+    mlx_lm_detokenizer,
     mlx_lm_generation_stream,
     mlx_lm_load,
     mlx_thread_cleanup,
@@ -17,6 +18,7 @@ ALL = [
     mlx_thread_rng.PATCH,
     mlx_lm_generation_stream.PATCH,
     mlx_lm_load.PATCH,
+    mlx_lm_detokenizer.PATCH,
     mlx_lm_batch_generator_owner.PATCH,
     mlx_lm_batch_generator_close_guard.PATCH,
     mlx_vlm_generation_stream.PATCH,

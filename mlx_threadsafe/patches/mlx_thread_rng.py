@@ -4,10 +4,10 @@ Since mlx 0.31.2 the default key is per thread and every new thread starts from 
 same key, so two worker threads sampling at temperature 1.0 produce the same "random"
 text, and ``mx.random.seed()`` on the main thread does not reach them (mlx-lm #1675).
 
-How: when a thread is adopted (its first ``mx.eval``), it is seeded with a key
-derived from the process seed, its name and how many threads of that name came
-before; ``mlx_threadsafe.seed(n)`` fixes the process seed. A thread that calls
-``mx.random.seed`` itself keeps its own seed.
+How: when a thread is adopted (its first ``mx.eval`` or its first random draw), it is
+seeded with a key derived from the process seed, its name and how many threads of
+that name came before; ``mlx_threadsafe.seed(n)`` fixes the process seed. A thread
+that calls ``mx.random.seed`` itself keeps its own seed.
 """
 
 import wrapt
@@ -18,6 +18,12 @@ from ..registry import Patch
 from . import thread_adoption
 
 _originals = Originals()
+
+# The functions that draw from the thread's key. A thread can draw before it first
+# evaluates anything (mlx-lm 0.25.3-0.26.4 sample the first token of a short prompt
+# while still building the graph): seeding at the first eval would come too late.
+DRAWING = ("bernoulli", "categorical", "gumbel", "laplace", "multivariate_normal", "normal",
+           "permutation", "randint", "truncated_normal", "uniform")
 
 
 def _remember_explicit_seed(wrapped, instance, args, kwargs):
@@ -33,6 +39,10 @@ def apply(mlx_core):
     _originals.on_restore(lambda: thread_adoption.release("mlx.thread_rng"))
     random = mlx_core.random
     _originals.set_attribute(random, "seed", wrapt.FunctionWrapper(random.seed, _remember_explicit_seed))
+    for name in DRAWING:
+        if hasattr(random, name):
+            _originals.set_attribute(random, name, wrapt.FunctionWrapper(getattr(random, name),
+                                                                         thread_adoption.adopt_then_call))
     streams.rng_enabled = True
     _originals.on_restore(lambda: setattr(streams, "rng_enabled", False))
 

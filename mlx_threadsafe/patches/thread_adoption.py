@@ -15,7 +15,7 @@ _originals = Originals()
 _users = set()
 
 
-def _adopt_then_call(wrapped, instance, args, kwargs):
+def adopt_then_call(wrapped, instance, args, kwargs):
     if getattr(_local, "end", None) is None:
         adopt_current_thread()
     return wrapped(*args, **kwargs)
@@ -26,7 +26,7 @@ def require(mlx_core, user: str) -> None:
     if not _users:
         for name in ("eval", "async_eval"):
             _originals.set_attribute(mlx_core, name,
-                                     wrapt.FunctionWrapper(module_attribute("mlx.core", name), _adopt_then_call))
+                                     wrapt.FunctionWrapper(module_attribute("mlx.core", name), adopt_then_call))
     _users.add(user)
 
 
