@@ -16,12 +16,13 @@ _LEAF_TYPES = (str, bytes, int, float, complex, bool, type(None), types.ModuleTy
                types.FunctionType, types.BuiltinFunctionType, types.MethodType)
 
 
-def reachable_arrays(obj: Any) -> List[Any]:
+def reachable_arrays(obj: Any, into_objects: bool = True) -> List[Any]:
     """Every distinct ``mx.array`` reachable from `obj`.
 
     Walks module children and attributes (``_`` keys included: an ``nn.Module`` is a
     dict of its children and parameters plus a plain ``__dict__``), lists, tuples,
-    sets, dicts and plain objects' ``__dict__``; each object is visited once.
+    sets, dicts and, unless `into_objects` is false, plain objects' ``__dict__``; each
+    object is visited once.
     """
     import mlx.core as mx
 
@@ -40,7 +41,7 @@ def reachable_arrays(obj: Any) -> List[Any]:
             stack.extend(item.values())
         elif isinstance(item, (list, tuple, set, frozenset)):
             stack.extend(item)
-        namespace = getattr(item, "__dict__", None)
+        namespace = getattr(item, "__dict__", None) if into_objects else None
         if isinstance(namespace, dict):
             stack.extend(namespace.values())
     return found

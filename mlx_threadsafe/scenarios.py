@@ -131,8 +131,42 @@ def threads_sample_differently() -> str:
 BATCH_PROMPTS = [[1, 5, 6, 7], [1, 8, 9, 10, 11], [1, 12, 13]]
 
 
-def _batch_generator(model, **kwargs):
-    return require("mlx_lm.generate", "BatchGenerator")(model, max_tokens=8, **kwargs)
+@dataclass
+class BatchCase:
+    """How to make a BatchGenerator of one package and queue BATCH_PROMPTS on it."""
+
+    cls: type
+    make: Callable[..., object]  # keyword arguments go to the constructor
+    insert: Callable[[object], list]
+
+
+def _lm_batch_case() -> BatchCase:
+    BatchGenerator = require("mlx_lm.generate", "BatchGenerator")
+    model, _ = _load("llama")
+    return BatchCase(BatchGenerator, lambda **kwargs: BatchGenerator(model, max_tokens=8, **kwargs),
+                     lambda generator: generator.insert(BATCH_PROMPTS))
+
+
+def _vlm_batch_case() -> BatchCase:
+    import inspect
+
+    import mlx.core as mx
+    from mlx_vlm import load
+
+    BatchGenerator = require("mlx_vlm.generate", "BatchGenerator")
+    if "prompt_kwargs" not in inspect.signature(BatchGenerator.insert).parameters:
+        raise NotApplicable("this BatchGenerator (before 0.5.0) takes the padded batch's embeddings through "
+                            "next(); the scenario drives insert(prompt_kwargs=...)")
+    model, processor = load(_build_vlm("gemma3"))
+
+    def insert(generator) -> list:
+        # Built lazily on the inserting thread, as the server's request threads do.
+        rows = [model.get_input_embeddings(mx.array([prompt]), None).to_dict() for prompt in BATCH_PROMPTS]
+        return generator.insert(BATCH_PROMPTS, prompt_kwargs=[{k: v for k, v in row.items() if v is not None}
+                                                             for row in rows])
+
+    return BatchCase(BatchGenerator,
+                     lambda **kwargs: BatchGenerator(model.language_model, processor, max_tokens=8, **kwargs), insert)
 
 
 def _step(generator, tokens, lock=None) -> bool:
@@ -147,12 +181,14 @@ def _step(generator, tokens, lock=None) -> bool:
     finally:
         if lock is not None:
             lock.release()
+    if hasattr(type(generator), "has_work"):  # mlx-vlm: a prompt step may return nothing yet
+        return generator.has_work
     return bool(responses) or (isinstance(result, tuple) and bool(result[0]))
 
 
-def _one_thread_tokens(model, remove_first: bool = False):
-    generator = _batch_generator(model)
-    uids = generator.insert(BATCH_PROMPTS)
+def _one_thread_tokens(case: BatchCase, remove_first: bool = False):
+    generator = case.make()
+    uids = case.insert(generator)
     tokens: Dict[int, list] = {}
     for _ in range(3):
         _step(generator, tokens)
@@ -164,25 +200,24 @@ def _one_thread_tokens(model, remove_first: bool = False):
     return tokens
 
 
-@scenario("BatchGenerator stepped on thread A, then remove() and next() on thread B")
-def batch_generator_handoff() -> str:
-    if not hasattr(require("mlx_lm.generate", "BatchGenerator"), "remove"):
-        raise NotApplicable("this BatchGenerator has no remove() (added in 0.28.4)")
-    model, _ = _load("llama")
-    expected = _one_thread_tokens(model, remove_first=True)
+def _handoff(case: BatchCase) -> str:
+    # remove() joined BatchGenerator later than next() (mlx-lm 0.28.4, mlx-vlm 0.5.0).
+    can_remove = hasattr(case.cls, "remove")
+    expected = _one_thread_tokens(case, remove_first=can_remove)
     box: Dict[str, object] = {}
 
     def start_on_a():
-        box["generator"] = generator = _batch_generator(model)
-        box["uids"] = generator.insert(BATCH_PROMPTS)
+        box["generator"] = generator = case.make()
+        box["uids"] = case.insert(generator)
         box["tokens"] = tokens = {}
         for _ in range(3):
             _step(generator, tokens)
 
     def finish_on_b():
         generator, tokens = box["generator"], box["tokens"]
-        generator.remove([box["uids"][0]])
-        tokens.pop(box["uids"][0], None)
+        if can_remove:
+            generator.remove([box["uids"][0]])
+            tokens.pop(box["uids"][0], None)
         while _step(generator, tokens):
             pass
         return tokens
@@ -194,11 +229,10 @@ def batch_generator_handoff() -> str:
     return f"{sum(map(len, got.values()))} tokens equal to the one-thread run"
 
 
-def _shared_by(n_threads: int) -> str:
-    model, _ = _load("llama")
-    expected = _one_thread_tokens(model)
-    generator = _batch_generator(model)
-    generator.insert(BATCH_PROMPTS)
+def _shared_by(case: BatchCase, n_threads: int) -> str:
+    expected = _one_thread_tokens(case)
+    generator = case.make()
+    case.insert(generator)
     tokens: Dict[int, list] = {}
     lock = threading.Lock()
 
@@ -217,53 +251,89 @@ def _shared_by(n_threads: int) -> str:
     return f"{sum(map(len, got.values()))} tokens equal to the one-thread run"
 
 
+@scenario("BatchGenerator stepped on thread A, then remove() and next() on thread B")
+def batch_generator_handoff() -> str:
+    return _handoff(_lm_batch_case())
+
+
 @scenario("2 threads drive one BatchGenerator")
 def batch_generator_shared_by_2_threads() -> str:
-    return _shared_by(2)
+    return _shared_by(_lm_batch_case(), 2)
 
 
 @scenario("8 threads drive one BatchGenerator")
 def batch_generator_shared_by_8_threads() -> str:
-    return _shared_by(8)
+    return _shared_by(_lm_batch_case(), 8)
 
 
-@scenario("BatchGenerator collected on a foreign thread, close() forced down the Metal sync path")
-def batch_generator_collected_on_foreign_thread() -> str:
+class _MetalLikeClose:
+    """Makes the CPU build take Metal's paths through a generator's wired limit and close().
+
+    On CPU and CUDA, close() syncs nothing; on Metal it synchronizes the generator's
+    stream, which raises from any thread but the stream's own. Records the wired limits
+    set, so a test can see the limit restored.
+    """
+
+    def __init__(self) -> None:
+        import mlx.core as mx
+
+        self.limits: List[int] = []
+        real_synchronize, real_set_wired_limit = mx.synchronize, mx.set_wired_limit
+
+        def synchronize(stream=None):
+            if stream is not None and isinstance(stream, mx.Stream) and stream != mx.default_stream(stream.device):
+                raise RuntimeError(f"There is no {stream} in current thread.".replace("cpu", "gpu"))
+            return real_synchronize() if stream is None else real_synchronize(stream)
+
+        def set_wired_limit(limit):
+            self.limits.append(limit)
+            return real_set_wired_limit(limit)
+
+        metal_info = {"max_recommended_working_set_size": 1 << 34, "memory_size": 1 << 35}
+        mx.synchronize, mx.set_wired_limit = synchronize, set_wired_limit
+        mx.metal.is_available = lambda: True
+        mx.device_info = mx.metal.device_info = lambda *args: dict(metal_info)
+        self.unraisable: List[str] = []
+        sys.unraisablehook = lambda info: self.unraisable.append(f"{info.exc_type.__name__}: {info.exc_value}")
+
+
+def _collected_on_foreign_thread(case: BatchCase, set_limit_by_hand: bool) -> str:
     import gc
 
     import mlx.core as mx
 
-    real_synchronize = mx.synchronize
-
-    def metal_like_synchronize(stream=None):
-        # Metal raises for a stream of another thread; the CPU build does not.
-        if stream is not None and isinstance(stream, mx.Stream) and stream != mx.default_stream(stream.device):
-            raise RuntimeError(f"There is no {stream} in current thread.".replace("cpu", "gpu"))
-        return real_synchronize() if stream is None else real_synchronize(stream)
-
-    mx.synchronize = metal_like_synchronize
-    unraisable = []
-    sys.unraisablehook = lambda info: unraisable.append(f"{info.exc_type.__name__}: {info.exc_value}")
-    import inspect
-
-    if "stream" not in inspect.signature(require("mlx_lm.generate", "BatchGenerator")).parameters:
-        raise NotApplicable("this BatchGenerator takes no stream= (no close() sync to guard)")
-    model, _ = _load("llama")
+    metal = _MetalLikeClose()
     box: Dict[str, object] = {}
 
     def build_on_a():
-        generator = _batch_generator(model, stream=mx.default_stream(mx.default_device()))
-        generator.insert(BATCH_PROMPTS[:1])
+        generator = case.make(stream=mx.default_stream(mx.default_device()))
+        case.insert(generator)
         _step(generator, {})
-        generator._old_wired_limit = mx.set_wired_limit(0)  # what Metal's __init__ records
+        if set_limit_by_hand:  # what mlx-lm's __init__ does on Metal
+            generator._old_wired_limit = mx.set_wired_limit(0)
         box["generator"] = generator
 
     on_new_thread(build_on_a)
     del box["generator"]
     gc.collect()
-    if unraisable:
-        raise AssertionError("; ".join(unraisable))
-    return "collected silently"
+    if metal.unraisable:
+        raise AssertionError("; ".join(metal.unraisable))
+    if len(metal.limits) < 2:
+        raise AssertionError(f"the wired limit the generator set ({metal.limits}) was never restored")
+    return f"collected silently, wired limit restored ({metal.limits})"
+
+
+def _takes_stream(cls) -> None:
+    import inspect
+
+    if "stream" not in inspect.signature(cls).parameters:
+        raise NotApplicable("this BatchGenerator takes no stream= (no close() sync to guard)")
+
+
+@scenario("BatchGenerator collected on a foreign thread, close() forced down the Metal sync path")
+def batch_generator_collected_on_foreign_thread() -> str:
+    _takes_stream(require("mlx_lm.generate", "BatchGenerator"))
+    return _collected_on_foreign_thread(_lm_batch_case(), set_limit_by_hand=True)
 
 
 # ------------------------------------------------------------------ running
@@ -335,11 +405,88 @@ def vlm_qwen2_vl_forward_on_worker() -> str:
         mx.eval(logits)
         return np.array(logits)
 
+    got = on_new_thread(forward)  # first: a forward on main would evaluate lazy state there
     expected = forward()
-    got = on_new_thread(forward)
     if not np.allclose(got, expected, atol=1e-4):
         raise AssertionError("worker logits differ from main-thread logits")
     return "same logits"
+
+
+def _qwen2_vl_requests():
+    """A tiny qwen2_vl and requests whose images differ in shape (so their MRoPE deltas differ)."""
+    from pathlib import Path
+
+    import mlx.core as mx
+    import numpy as np
+    from mlx_vlm.utils import load_model
+
+    model = load_model(Path(_build_vlm("qwen2_vl")))
+    requests = []
+    for index, (height, width, words) in enumerate([(4, 4, 2), (8, 4, 3), (4, 8, 1), (8, 8, 2)]):
+        image_tokens = height * width // 4  # spatial_merge_size 2
+        ids = [5, 288] + [290] * image_tokens + [289] + list(range(7, 7 + words))
+        pixels = np.random.default_rng(index).standard_normal((height * width, 3 * 2 * 14 * 14)).astype(np.float32)
+        requests.append((mx.array([ids]), mx.array(pixels), mx.array([[1, height, width]])))
+    return model, requests
+
+
+def _vlm_generate_step():
+    for name in ("mlx_vlm.generate.ar", "mlx_vlm.generate", "mlx_vlm.utils"):
+        module = sys.modules.get(name)
+        if module is not None and callable(vars(module).get("generate_step")):
+            return vars(module)["generate_step"]
+    raise NotApplicable("no generate_step in this release")
+
+
+def _greedy_steps(model, request, n_tokens: int = 6):
+    """The generation of one request, as a generator of token ids."""
+    import mlx.core as mx
+
+    ids, pixels, grid = request
+    steps = _vlm_generate_step()(ids, model, pixels, mx.ones(ids.shape, dtype=mx.int32), image_grid_thw=grid)
+    for _, (token, _) in zip(range(n_tokens), steps):
+        yield int(token.item() if hasattr(token, "item") else token)
+
+
+@scenario("mlx-vlm: qwen2_vl prefill on thread A, decode on thread B (model-held _rope_deltas)")
+def vlm_qwen2_vl_prefill_then_decode_elsewhere() -> str:
+    model, requests = _qwen2_vl_requests()
+    expected = list(_greedy_steps(model, requests[1]))
+    steps = _greedy_steps(model, requests[1])
+    first = on_new_thread(next, steps)
+    got = [first] + on_new_thread(list, steps)
+    if got != expected:
+        raise AssertionError(f"hopping threads gave {got}, one thread gave {expected}")
+    return f"{len(got)} tokens equal to the one-thread run"
+
+
+@scenario("mlx-vlm: 4 threads generate on one qwen2_vl at once and match the serial outputs")
+def vlm_qwen2_vl_concurrent_requests_match_serial() -> str:
+    from concurrent.futures import ThreadPoolExecutor
+
+    model, requests = _qwen2_vl_requests()
+    serial = [list(_greedy_steps(model, request)) for request in requests]
+    with ThreadPoolExecutor(len(requests)) as pool:
+        threaded = list(pool.map(lambda request: list(_greedy_steps(model, request)), requests))
+    if threaded != serial:
+        raise AssertionError(f"threaded {threaded} != serial {serial}")
+    return f"{len(set(map(tuple, serial)))} distinct outputs, all equal to serial"
+
+
+@scenario("mlx-vlm: BatchGenerator stepped on thread A, then remove() and next() on thread B")
+def vlm_batch_generator_handoff() -> str:
+    return _handoff(_vlm_batch_case())
+
+
+@scenario("mlx-vlm: 2 threads drive one BatchGenerator")
+def vlm_batch_generator_shared_by_2_threads() -> str:
+    return _shared_by(_vlm_batch_case(), 2)
+
+
+@scenario("mlx-vlm: BatchGenerator collected on a foreign thread, close() forced down the Metal sync path")
+def vlm_batch_generator_collected_on_foreign_thread() -> str:
+    _takes_stream(require("mlx_vlm.generate", "BatchGenerator"))
+    return _collected_on_foreign_thread(_vlm_batch_case(), set_limit_by_hand=False)
 
 
 def _outcome(line: Dict[str, object]) -> Outcome:

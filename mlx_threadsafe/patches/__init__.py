@@ -8,8 +8,11 @@ from . import (
     mlx_lm_load,
     mlx_thread_cleanup,
     mlx_thread_rng,
+    mlx_vlm_batch_generator_close_guard,
+    mlx_vlm_batch_generator_owner,
     mlx_vlm_generation_stream,
     mlx_vlm_load,
+    mlx_vlm_request_state,
     mlx_vlm_server_generation,
 )
 
@@ -23,5 +26,8 @@ ALL = [
     mlx_lm_batch_generator_close_guard.PATCH,
     mlx_vlm_generation_stream.PATCH,
     mlx_vlm_load.PATCH,
+    mlx_vlm_batch_generator_owner.PATCH,
+    mlx_vlm_batch_generator_close_guard.PATCH,
+    mlx_vlm_request_state.PATCH,
     mlx_vlm_server_generation.PATCH,
 ]

@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 
 import wrapt
 
+from ..materialize import reachable_arrays
 from ..originals import Originals
 from ..registry import TargetMissing
 from ..worker import Worker, WorkerClosed, current_worker
@@ -71,12 +72,28 @@ def _construct(wrapped, instance, args, kwargs):
     vars(instance)[OWNER] = owner
     if owner.worker is None or owner.is_current():
         return wrapped(*args, **kwargs)
+    _evaluate_array_arguments(args, kwargs)
     try:
         return owner.worker.call(wrapped, *args, **kwargs)
     except BaseException:
         if owner.dedicated:
             owner.worker.close(wait=False)
         raise
+
+
+def _evaluate_array_arguments(args, kwargs) -> None:
+    """Evaluate, on the calling thread, the arrays an owner-bound call is handed.
+
+    Arrays the caller built lazily (mlx-vlm's ``insert(prompt_kwargs=[{"inputs_embeds":
+    ...}])``) belong to the caller's stream; evaluated, any thread may read them. Only
+    containers are searched, not objects: a model or processor argument was loaded
+    (and materialized) already, and walking a tokenizer's vocabulary costs time.
+    """
+    arrays = reachable_arrays((args, kwargs), into_objects=False)
+    if arrays:
+        import mlx.core as mx
+
+        mx.eval(arrays)
 
 
 def _on_owner(wrapped, instance, args, kwargs):
@@ -90,6 +107,7 @@ def _on_owner(wrapped, instance, args, kwargs):
             "Call it from its own thread, or build it without stream= so that mlx_threadsafe gives it an "
             "owner Worker that every thread can call."
         )
+    _evaluate_array_arguments(args, kwargs)
     return owner.worker.call(wrapped, *args, **kwargs)
 
 
@@ -154,7 +172,18 @@ def _swallow_foreign_stream(wrapped, instance, args, kwargs):
         # The stream's thread is gone or is another thread: there is nothing left to
         # synchronize from here, and raising would only print from __del__.
         log.debug("%s.%s: ignored %s", type(instance).__name__, getattr(wrapped, "__name__", "close"), error)
+        _restore_wired_limit(instance)
         return None
+
+
+def _restore_wired_limit(generator) -> None:
+    # mlx-lm's close() restores the limit right after the sync that raised.
+    old_limit = getattr(generator, "_old_wired_limit", None)
+    if old_limit is not None:
+        import mlx.core as mx
+
+        mx.set_wired_limit(old_limit)
+        generator._old_wired_limit = None
 
 
 def _never_raise(wrapped, instance, args, kwargs):
@@ -162,6 +191,35 @@ def _never_raise(wrapped, instance, args, kwargs):
         wrapped(*args, **kwargs)
     except Exception as error:  # noqa: BLE001 - __del__ must not raise
         log.debug("%s.__del__: ignored %r", type(instance).__name__, error)
+
+
+class _StreamsToSynchronize(list):
+    """The streams a ``wired_limit`` synchronizes as it exits, seen from the exiting thread.
+
+    mlx-vlm's BatchGenerator (0.5.0+) enters ``wired_limit`` in ``__init__`` and exits
+    it in ``close()``/``__del__``, possibly on another thread; there, on Metal,
+    ``mx.synchronize`` of the entering thread's stream raises and the wired limit is
+    never restored. Iterated on another thread this list is empty: the sync is skipped
+    (that thread cannot wait for another thread's stream) and the limit is restored.
+    """
+
+    def __init__(self, streams) -> None:
+        super().__init__(streams)
+        self.entered_on = threading.get_ident()
+
+    def __iter__(self):
+        if threading.get_ident() != self.entered_on:
+            log.debug("wired_limit exits off the thread that entered it: stream sync skipped")
+            return iter(())
+        return super().__iter__()
+
+
+def _sync_only_on_entering_thread(wrapped, instance, args, kwargs):
+    if len(args) > 1 and args[1] is not None:
+        args = (args[0], _StreamsToSynchronize(args[1])) + tuple(args[2:])
+    elif kwargs.get("streams") is not None:
+        kwargs = dict(kwargs, streams=_StreamsToSynchronize(kwargs["streams"]))
+    return wrapped(*args, **kwargs)
 
 
 class CloseGuardPatch(_BatchGeneratorPatch):
@@ -172,3 +230,10 @@ class CloseGuardPatch(_BatchGeneratorPatch):
         self.originals.set_attribute(cls, "close", wrapt.FunctionWrapper(cls.close, _swallow_foreign_stream))
         if "__del__" in vars(cls):
             self.originals.set_attribute(cls, "__del__", wrapt.FunctionWrapper(cls.__del__, _never_raise))
+        # The wired_limit the generator's own module calls (mlx-lm 0.29+ sets the limit
+        # by hand instead and has none to guard there).
+        home = sys.modules[cls.__module__]
+        wired_limit = vars(home).get("wired_limit")
+        if callable(wired_limit) and "_wire_stack" in cls.__init__.__code__.co_names:
+            self.originals.set_attribute(home, "wired_limit",
+                                         wrapt.FunctionWrapper(wired_limit, _sync_only_on_entering_thread))

@@ -1,0 +1,104 @@
+"""mlx-vlm on real MLX (CPU, mlx 0.32.4): tiny offline VLMs, each case without and with the shim.
+
+The installed mlx-vlm (0.7.10) runs in this interpreter's environment; older releases
+run in their own virtual environments (`release` marker).
+"""
+
+import pytest
+
+from conftest import failure_without_shim, run_json
+from mlx_threadsafe.scenarios import run_batch, run_in_subprocess
+from releases import release_python
+
+# Fail without the shim on mlx-vlm 0.7.10 and pass with it.
+FIXED_ON_NEWEST = [
+    "vlm_batch_generator_handoff",
+    "vlm_batch_generator_shared_by_2_threads",
+    "vlm_batch_generator_collected_on_foreign_thread",
+    "vlm_qwen2_vl_concurrent_requests_match_serial",
+]
+# Pass either way on 0.7.10 (kept green with the shim's wrappers in the path).
+WORK_WITH_SHIM = ["vlm_generate_on_worker", "vlm_qwen2_vl_forward_on_worker", "vlm_qwen2_vl_prefill_then_decode_elsewhere"]
+
+
+@pytest.mark.parametrize("name", FIXED_ON_NEWEST)
+def test_fails_without_the_shim(name):
+    failure = failure_without_shim(name, tries=3 if "shared" in name else 1)
+    assert failure is not None, f"{name} passed without the shim"
+
+
+def test_every_vlm_scenario_passes_with_the_shim():
+    outcomes = run_batch(FIXED_ON_NEWEST + WORK_WITH_SHIM, shim=True)
+    failed = {name: o.detail for name, o in outcomes.items() if not (o.ok and o.applicable)}
+    assert failed == {}
+
+
+def test_a_generator_collected_elsewhere_restores_the_wired_limit_silently():
+    outcome = run_in_subprocess("vlm_batch_generator_collected_on_foreign_thread", shim=True)
+    assert outcome.ok and "wired limit restored" in outcome.detail, outcome.detail
+    without = run_in_subprocess("vlm_batch_generator_collected_on_foreign_thread", shim=False)
+    assert "There is no Stream(Device(gpu, 0)" in without.detail, without.detail
+
+
+def test_uninstall_restores_the_vlm_targets_exactly():
+    out = run_json("""
+        import importlib, json, mlx.core as mx, mlx_vlm, mlx_threadsafe
+        ar, dispatch, package = (importlib.import_module(m) for m in
+                                 ("mlx_vlm.generate.ar", "mlx_vlm.generate.dispatch", "mlx_vlm.generate"))
+        def snapshot():
+            cls = ar.BatchGenerator
+            return {"ar.generate_step": ar.generate_step, "dispatch.generate_step": dispatch.generate_step,
+                    "generate.generate_step": package.generate_step, "ar.wired_limit": ar.wired_limit,
+                    "BatchGenerator.__init__": vars(cls)["__init__"], "BatchGenerator.next": vars(cls)["next"],
+                    "BatchGenerator.close": vars(cls)["close"], "BatchGenerator.__del__": vars(cls)["__del__"],
+                    "mx.random.categorical": mx.random.categorical}
+        before = snapshot()
+        mlx_threadsafe.install()
+        during = snapshot()
+        mlx_threadsafe.uninstall()
+        after = snapshot()
+        print(json.dumps([sorted(k for k in before if during[k] is before[k]),
+                          sorted(k for k in before if after[k] is not before[k])]))
+    """)
+    unchanged_while_installed, not_restored = out
+    assert unchanged_while_installed == []
+    assert not_restored == []
+
+
+def test_models_without_request_state_pass_straight_through():
+    out = run_json("""
+        import importlib, json, mlx_threadsafe
+        mlx_threadsafe.install()
+        from mlx_vlm import load
+        from mlx_threadsafe.testing import build_vlm
+        model, _ = load(str(build_vlm("gemma3")))
+        ar = importlib.import_module("mlx_vlm.generate.ar")
+        import mlx.core as mx
+        steps = ar.generate_step(mx.array([[2, 5, 6]]), model, None, None)
+        print(json.dumps(type(steps).__name__ + ":" + steps.__name__))
+    """)
+    assert out == "generator:generate_step"
+
+
+@pytest.mark.release
+def test_mlx_vlm_0_4_4_generates_on_a_worker_with_the_shim():
+    # mlx-vlm 0.4.4 makes its generation stream at import (mlx-vlm #1049, #1134).
+    python = release_python("mlx-vlm==0.4.4", extra=())
+    names = ["vlm_generate_on_worker", "vlm_qwen2_vl_forward_on_worker", "vlm_qwen2_vl_concurrent_requests_match_serial"]
+    without = run_batch(names, shim=False, python=python)
+    assert "There is no Stream(cpu, 0) in current thread" in without["vlm_generate_on_worker"].detail
+    assert all(not o.ok for o in without.values()), {n: o.detail for n, o in without.items()}
+    with_shim = run_batch(names, shim=True, python=python)
+    assert all(o.ok for o in with_shim.values()), {n: o.detail for n, o in with_shim.items()}
+
+
+@pytest.mark.release
+def test_mlx_vlm_0_6_1_lazy_rotary_tables_batch_generator_and_request_state():
+    # 0.6.1: qwen2_vl rotary tables lazy after load; BatchGenerator with insert(prompt_kwargs=).
+    python = release_python("mlx-vlm==0.6.1", extra=())
+    names = ["vlm_qwen2_vl_forward_on_worker", "vlm_batch_generator_handoff",
+             "vlm_qwen2_vl_concurrent_requests_match_serial", "vlm_batch_generator_collected_on_foreign_thread"]
+    without = run_batch(names, shim=False, python=python)
+    assert all(not o.ok for o in without.values()), {n: o.detail for n, o in without.items()}
+    with_shim = run_batch(names, shim=True, python=python)
+    assert all(o.ok and o.applicable for o in with_shim.values()), {n: o.detail for n, o in with_shim.items()}
