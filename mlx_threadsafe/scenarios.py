@@ -460,6 +460,20 @@ def vlm_qwen2_vl_prefill_then_decode_elsewhere() -> str:
     return f"{len(got)} tokens equal to the one-thread run"
 
 
+@scenario("mlx-vlm: two qwen2_vl generations interleaved step by step on one model (mlx-vlm #1415)")
+def vlm_qwen2_vl_interleaved_requests_keep_their_positions() -> str:
+    model, requests = _qwen2_vl_requests()
+    first, second = requests[0], requests[3]  # 4 and 16 image tokens: different deltas
+    expected = [list(_greedy_steps(model, first)), list(_greedy_steps(model, second))]
+    a, b = _greedy_steps(model, first), _greedy_steps(model, second)
+    got = [[next(a)], [next(b)]]  # both prefills done: the second wrote its positions last
+    got[0] += list(a)
+    got[1] += list(b)
+    if got != expected:
+        raise AssertionError(f"interleaved {got} != one after another {expected}")
+    return "each generation kept its own positions"
+
+
 @scenario("mlx-vlm: 4 threads generate on one qwen2_vl at once and match the serial outputs")
 def vlm_qwen2_vl_concurrent_requests_match_serial() -> str:
     from concurrent.futures import ThreadPoolExecutor

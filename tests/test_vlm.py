@@ -16,6 +16,7 @@ FIXED_ON_NEWEST = [
     "vlm_batch_generator_shared_by_2_threads",
     "vlm_batch_generator_collected_on_foreign_thread",
     "vlm_qwen2_vl_concurrent_requests_match_serial",
+    "vlm_qwen2_vl_interleaved_requests_keep_their_positions",
 ]
 # Pass either way on 0.7.10 (kept green with the shim's wrappers in the path).
 WORK_WITH_SHIM = ["vlm_generate_on_worker", "vlm_qwen2_vl_forward_on_worker", "vlm_qwen2_vl_prefill_then_decode_elsewhere"]
@@ -97,8 +98,19 @@ def test_mlx_vlm_0_6_1_lazy_rotary_tables_batch_generator_and_request_state():
     # 0.6.1: qwen2_vl rotary tables lazy after load; BatchGenerator with insert(prompt_kwargs=).
     python = release_python("mlx-vlm==0.6.1", extra=())
     names = ["vlm_qwen2_vl_forward_on_worker", "vlm_batch_generator_handoff",
-             "vlm_qwen2_vl_concurrent_requests_match_serial", "vlm_batch_generator_collected_on_foreign_thread"]
+             "vlm_qwen2_vl_concurrent_requests_match_serial", "vlm_batch_generator_collected_on_foreign_thread",
+             "vlm_qwen2_vl_interleaved_requests_keep_their_positions"]
     without = run_batch(names, shim=False, python=python)
     assert all(not o.ok for o in without.values()), {n: o.detail for n, o in without.items()}
     with_shim = run_batch(names, shim=True, python=python)
     assert all(o.ok and o.applicable for o in with_shim.values()), {n: o.detail for n, o in with_shim.items()}
+
+
+@pytest.mark.release
+def test_interleaved_requests_overwrite_each_others_positions_even_without_thread_bound_streams():
+    # mlx-vlm #1415 on mlx 0.31.2 (CPU streams not yet thread-bound): a plain data race.
+    python = release_python("mlx-vlm==0.6.1", mlx="0.31.2", extra=())
+    without = run_in_subprocess("vlm_qwen2_vl_interleaved_requests_keep_their_positions", shim=False, python=python)
+    assert not without.ok and "!= one after another" in without.detail, without.detail
+    outcome = run_in_subprocess("vlm_qwen2_vl_interleaved_requests_keep_their_positions", shim=True, python=python)
+    assert outcome.ok, outcome.detail
