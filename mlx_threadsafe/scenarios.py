@@ -271,13 +271,20 @@ class _MetalLikeClose:
 
     On CPU and CUDA, close() syncs nothing; on Metal it synchronizes the generator's
     stream, which raises from any thread but the stream's own. Records the wired limits
-    set, so a test can see the limit restored.
+    set, so a test can see the limit restored. Everything is put back on exit, since
+    later scenarios run in the same process.
     """
 
-    def __init__(self) -> None:
+    def __enter__(self) -> "_MetalLikeClose":
         import mlx.core as mx
 
         self.limits: List[int] = []
+        self.unraisable: List[str] = []
+        self._saved = [(mx, "synchronize", mx.synchronize), (mx, "set_wired_limit", mx.set_wired_limit),
+                       (mx, "device_info", getattr(mx, "device_info", None)),
+                       (mx.metal, "is_available", mx.metal.is_available),
+                       (mx.metal, "device_info", getattr(mx.metal, "device_info", None)),
+                       (sys, "unraisablehook", sys.unraisablehook)]
         real_synchronize, real_set_wired_limit = mx.synchronize, mx.set_wired_limit
 
         def synchronize(stream=None):
@@ -293,8 +300,12 @@ class _MetalLikeClose:
         mx.synchronize, mx.set_wired_limit = synchronize, set_wired_limit
         mx.metal.is_available = lambda: True
         mx.device_info = mx.metal.device_info = lambda *args: dict(metal_info)
-        self.unraisable: List[str] = []
         sys.unraisablehook = lambda info: self.unraisable.append(f"{info.exc_type.__name__}: {info.exc_value}")
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for owner, name, value in self._saved:
+            setattr(owner, name, value)
 
 
 def _collected_on_foreign_thread(case: BatchCase, set_limit_by_hand: bool) -> str:
@@ -302,20 +313,20 @@ def _collected_on_foreign_thread(case: BatchCase, set_limit_by_hand: bool) -> st
 
     import mlx.core as mx
 
-    metal = _MetalLikeClose()
-    box: Dict[str, object] = {}
+    with _MetalLikeClose() as metal:
+        box: Dict[str, object] = {}
 
-    def build_on_a():
-        generator = case.make(stream=mx.default_stream(mx.default_device()))
-        case.insert(generator)
-        _step(generator, {})
-        if set_limit_by_hand:  # what mlx-lm's __init__ does on Metal
-            generator._old_wired_limit = mx.set_wired_limit(0)
-        box["generator"] = generator
+        def build_on_a():
+            generator = case.make(stream=mx.default_stream(mx.default_device()))
+            case.insert(generator)
+            _step(generator, {})
+            if set_limit_by_hand:  # what mlx-lm's __init__ does on Metal
+                generator._old_wired_limit = mx.set_wired_limit(0)
+            box["generator"] = generator
 
-    on_new_thread(build_on_a)
-    del box["generator"]
-    gc.collect()
+        on_new_thread(build_on_a)
+        del box["generator"]
+        gc.collect()
     if metal.unraisable:
         raise AssertionError("; ".join(metal.unraisable))
     if len(metal.limits) < 2:
