@@ -61,7 +61,9 @@ def every_release() -> List[str]:
     return [f"{package}=={release}" for package in ("mlx-lm", "mlx-vlm") for release in RELEASES[package]]
 
 
-THREAD_ERRORS = ("Stream", "process died", "hung for", "thread")
+# What a threading failure looks like; anything else failing the same way on both sides
+# is the release not running on that mlx (e.g. version skew with transformers or mlx-lm).
+THREAD_ERRORS = ("There is no Stream", "in current thread", "process died", "hung for", "then the process exited")
 
 
 def verdict(without: Dict[str, Any], with_shim: Dict[str, Any]) -> str:
@@ -150,10 +152,15 @@ def summarize(record: Dict[str, Any]) -> str:
 
 
 def load_evidence(path: str = EVIDENCE) -> Dict[str, Dict[str, Any]]:
+    """The committed evidence, each verdict judged again by the current `verdict` rule."""
     if not os.path.exists(path):
         return {}
     with open(path) as source:
-        return json.load(source)
+        records = json.load(source)
+    for record in records.values():
+        for result in record.get("scenarios", {}).values():
+            result["verdict"] = verdict(result["without"], result["with"])
+    return records
 
 
 def save_evidence(records: Dict[str, Dict[str, Any]], path: str = EVIDENCE) -> None:
