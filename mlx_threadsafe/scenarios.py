@@ -548,7 +548,8 @@ def run_batch(names: List[str], shim: bool, python: Optional[str] = None, timeou
     if len(outcomes) == len(names):
         last = outcomes[names[-1]]
         if returncode != 0 and last.ok:  # every scenario reported, then the process died at exit
-            outcomes[last.scenario] = Outcome(last.scenario, False, f"passed, then the process exited with {returncode}")
+            outcomes[last.scenario] = Outcome(last.scenario, False, f"passed, then the process exited with {returncode}",
+                                              last.applicable)
         return outcomes
     if returncode is None:
         died = f"hung for {timeout * len(names)}s"
