@@ -1,7 +1,7 @@
 """mlx-vlm on real MLX (CPU, mlx 0.32.4): tiny offline VLMs, each case without and with the shim.
 
-The installed mlx-vlm (0.7.10) runs in this interpreter's environment; older releases
-run in their own virtual environments (`release` marker).
+Every release runs in its own virtual environment (made with uv): the test extras do not
+install mlx-vlm itself.
 """
 
 import pytest
@@ -22,22 +22,26 @@ FIXED_ON_NEWEST = [
 WORK_WITH_SHIM = ["vlm_generate_on_worker", "vlm_qwen2_vl_forward_on_worker", "vlm_qwen2_vl_prefill_then_decode_elsewhere"]
 
 
+def newest():
+    return release_python("mlx-vlm==0.7.10", extra=())
+
+
 @pytest.mark.parametrize("name", FIXED_ON_NEWEST)
 def test_fails_without_the_shim(name):
-    failure = failure_without_shim(name, tries=3 if "shared" in name else 1)
+    failure = failure_without_shim(name, newest(), tries=3 if "shared" in name else 1)
     assert failure is not None, f"{name} passed without the shim"
 
 
 def test_every_vlm_scenario_passes_with_the_shim():
-    outcomes = run_batch(FIXED_ON_NEWEST + WORK_WITH_SHIM, shim=True)
+    outcomes = run_batch(FIXED_ON_NEWEST + WORK_WITH_SHIM, shim=True, python=newest())
     failed = {name: o.detail for name, o in outcomes.items() if not (o.ok and o.applicable)}
     assert failed == {}
 
 
 def test_a_generator_collected_elsewhere_restores_the_wired_limit_silently():
-    outcome = run_in_subprocess("vlm_batch_generator_collected_on_foreign_thread", shim=True)
+    outcome = run_in_subprocess("vlm_batch_generator_collected_on_foreign_thread", shim=True, python=newest())
     assert outcome.ok and "wired limit restored" in outcome.detail, outcome.detail
-    without = run_in_subprocess("vlm_batch_generator_collected_on_foreign_thread", shim=False)
+    without = run_in_subprocess("vlm_batch_generator_collected_on_foreign_thread", shim=False, python=newest())
     assert "There is no Stream(Device(gpu, 0)" in without.detail, without.detail
 
 
@@ -60,7 +64,7 @@ def test_uninstall_restores_the_vlm_targets_exactly():
         after = snapshot()
         print(json.dumps([sorted(k for k in before if during[k] is before[k]),
                           sorted(k for k in before if after[k] is not before[k])]))
-    """)
+    """, python=newest())
     unchanged_while_installed, not_restored = out
     assert unchanged_while_installed == []
     assert not_restored == []
@@ -77,7 +81,7 @@ def test_models_without_request_state_pass_straight_through():
         import mlx.core as mx
         steps = ar.generate_step(mx.array([[2, 5, 6]]), model, None, None)
         print(json.dumps(type(steps).__name__ + ":" + steps.__name__))
-    """)
+    """, python=newest())
     assert out == "generator:generate_step"
 
 
