@@ -61,9 +61,11 @@ def every_release() -> List[str]:
     return [f"{package}=={release}" for package in ("mlx-lm", "mlx-vlm") for release in RELEASES[package]]
 
 
+# How run_batch reports a scenario whose process crashed.
+CRASHES = ("process died", "then the process exited")
 # What a threading failure looks like; anything else failing the same way on both sides
 # is the release not running on that mlx (e.g. version skew with transformers or mlx-lm).
-THREAD_ERRORS = ("There is no Stream", "in current thread", "process died", "hung for", "then the process exited")
+THREAD_ERRORS = ("There is no Stream", "in current thread", "hung for") + CRASHES
 
 
 def verdict(without: Dict[str, Any], with_shim: Dict[str, Any]) -> str:
@@ -110,7 +112,6 @@ def run_target(target: Target) -> Dict[str, Any]:
     return dict(record, state="ran", applied=applied, scenarios=results)
 
 
-CRASHES = ("process died", "then the process exited")
 CRASH_RERUNS = 2
 
 

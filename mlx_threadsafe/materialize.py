@@ -47,15 +47,15 @@ def reachable_arrays(obj: Any, into_objects: bool = True) -> List[Any]:
     return found
 
 
-def materialize(obj: Any) -> int:
+def materialize(obj: Any, into_objects: bool = True) -> int:
     """Evaluate, in one ``mx.eval`` on the calling thread, every array reachable from `obj`.
 
     Returns how many distinct arrays were evaluated (arrays already evaluated are
-    counted and cost nothing).
+    counted and cost nothing). `into_objects` as for `reachable_arrays`.
     """
     import mlx.core as mx
 
-    arrays = reachable_arrays(obj)
+    arrays = reachable_arrays(obj, into_objects)
     if arrays:
         mx.eval(arrays)
     return len(arrays)

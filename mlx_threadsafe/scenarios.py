@@ -11,6 +11,7 @@ returns a short detail on success and raises on failure; a crash of the process
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -47,10 +48,39 @@ def scenario(description: str):
     return register
 
 
+@contextlib.contextmanager
+def _non_metal_wired_limit(model, streams=None):
+    yield
+
+
+def _let_old_mlx_lm_generate_on_linux() -> None:
+    """Give mlx-lm up to 0.25.2 the non-Metal branch of wired_limit that 0.25.3 added.
+
+    Those releases read Metal's working-set size unconditionally, so on Linux every
+    generate() dies with KeyError before any thread matters. Replaced in both runs of a
+    scenario (with and without the shim), so the comparison stays fair.
+    """
+    import mlx.core as mx
+
+    if mx.metal.is_available():
+        return
+    # Only modules mlx_lm imported itself: importing mlx_lm.generate by hand on <= 0.22.2
+    # would shadow the generate() function with the CLI module of that name.
+    for module_name in ("mlx_lm.generate", "mlx_lm.utils"):
+        module = sys.modules.get(module_name)
+        wired_limit = vars(module).get("wired_limit") if module is not None else None
+        body = getattr(wired_limit, "__wrapped__", None)
+        if wired_limit is not _non_metal_wired_limit and body is not None \
+                and "is_available" not in body.__code__.co_names:
+            module.wired_limit = _non_metal_wired_limit
+
+
 def _load(arch: str, **kwargs):
     from mlx_lm import load
 
     from .testing import LM_ARCHS, build_lm
+
+    _let_old_mlx_lm_generate_on_linux()
 
     model_type = LM_ARCHS[arch]["model_type"]
     require(f"mlx_lm.models.{model_type}", "Model")  # older releases lack newer architectures
@@ -562,33 +592,6 @@ def run_batch(names: List[str], shim: bool, python: Optional[str] = None, timeou
     return outcomes
 
 
-def _let_old_mlx_lm_generate_on_linux() -> None:
-    """Give mlx-lm up to 0.25.2 the non-Metal branch of wired_limit that 0.25.3 added.
-
-    Those releases read Metal's working-set size unconditionally, so on Linux every
-    generate() dies with KeyError before any thread matters. Replaced in both runs of a
-    scenario (with and without the shim), so the comparison stays fair.
-    """
-    import contextlib
-
-    import mlx.core as mx
-
-    if mx.metal.is_available():
-        return
-    try:
-        import mlx_lm  # noqa: F401 - imports the modules below that the release has
-    except ImportError:
-        return
-    # Only modules mlx_lm imported itself: importing mlx_lm.generate by hand on <= 0.22.2
-    # would shadow the generate() function with the CLI module of that name.
-    for module_name in ("mlx_lm.generate", "mlx_lm.utils"):
-        module = sys.modules.get(module_name)
-        wired_limit = vars(module).get("wired_limit") if module is not None else None
-        body = getattr(wired_limit, "__wrapped__", None)
-        if body is not None and "is_available" not in body.__code__.co_names:
-            module.wired_limit = contextlib.contextmanager(lambda model, streams=None: (yield))
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     shim = "--shim" in argv
@@ -602,7 +605,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         import mlx_threadsafe
 
         mlx_threadsafe.install()
-    _let_old_mlx_lm_generate_on_linux()
     for name in names:
         applicable = True
         try:

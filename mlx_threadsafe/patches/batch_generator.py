@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 
 import wrapt
 
-from ..materialize import reachable_arrays
+from ..materialize import materialize
 from ..originals import Originals
 from ..registry import TargetMissing
 from ..worker import Worker, WorkerClosed, current_worker
@@ -89,11 +89,7 @@ def _evaluate_array_arguments(args, kwargs) -> None:
     containers are searched, not objects: a model or processor argument was loaded
     (and materialized) already, and walking a tokenizer's vocabulary costs time.
     """
-    arrays = reachable_arrays((args, kwargs), into_objects=False)
-    if arrays:
-        import mlx.core as mx
-
-        mx.eval(arrays)
+    materialize((args, kwargs), into_objects=False)
 
 
 def _on_owner(wrapped, instance, args, kwargs):

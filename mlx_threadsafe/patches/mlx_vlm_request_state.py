@@ -112,12 +112,12 @@ def _home():
         module = sys.modules.get(name)
         function = vars(module).get("generate_step") if module is not None else None
         if function is not None and getattr(function, "__module__", None) == name:
-            return module, function
+            return function
     raise TargetMissing(f"no generate_step defined in {', '.join(HOMES)}")
 
 
 def apply(package):
-    _, original = _home()
+    original = _home()
     unreachable = rebind_everywhere(original, wrapt.FunctionWrapper(original, _per_request_state), _originals)
     if unreachable:
         log.debug("generate_step copies left unwrapped: %s", "; ".join(sorted(set(unreachable))))
