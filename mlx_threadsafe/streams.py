@@ -12,6 +12,13 @@ and before the OS thread runs its C++ ``thread_local`` destructors. The sentinel
 pattern (mlx-lm PR #1537) and removes the abort at interpreter exit
 (``terminate called without an active exception``) that those destructors cause
 when they run while the main thread finalizes the interpreter.
+
+That is not enough alone: ``Thread.join()`` (before Python 3.13) returns when the
+thread's Python state is gone, while its OS thread may still be running those
+destructors; MLX's per-thread random key acquires the GIL in its destructor, and if
+the main thread has meanwhile begun finalizing, that acquire ends the thread inside a
+``noexcept`` destructor: the same abort. So at exit the main thread waits (bounded)
+for the OS threads of ended MLX threads to be gone, before finalization begins.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 import zlib
 from collections import Counter
 from typing import Any, Dict, Optional
@@ -36,18 +44,55 @@ _process_seed: Optional[int] = None
 _names_seen: Counter = Counter()
 
 
+# Native ids of MLX threads whose Python side has ended; their OS threads may still be
+# running C++ thread_local destructors (see wait_for_ended_threads).
+_ending_native_ids: set = set()
+_TASKS = "/proc/self/task"
+# A server that starts a thread per request must not grow the set without bound.
+_PRUNE_ABOVE = 256
+
+
 class _ThreadEnd:
     """Lives in the thread's locals; its collection marks the end of the thread."""
 
-    __slots__ = ("thread_name", "owns_streams")
+    __slots__ = ("thread_name", "owns_streams", "native_id")
 
     def __init__(self, thread_name: str) -> None:
         self.thread_name = thread_name
         self.owns_streams = False
+        self.native_id = threading.get_native_id()
 
     def __del__(self) -> None:
         if self.owns_streams or cleanup_enabled:
             release_thread_streams(self.thread_name)
+        if cleanup_enabled:
+            if len(_ending_native_ids) > _PRUNE_ABOVE:
+                _ending_native_ids.difference_update([tid for tid in list(_ending_native_ids)
+                                                      if not _os_thread_alive(tid)])
+            _ending_native_ids.add(self.native_id)
+
+
+def _os_thread_alive(native_id: int) -> bool:
+    return os.path.exists(f"{_TASKS}/{native_id}")
+
+
+def wait_for_ended_threads(timeout: float = 1.0) -> None:
+    """Wait until the OS threads of ended MLX threads are gone (at most `timeout` s).
+
+    Registered with ``atexit`` by mlx.thread_cleanup: atexit handlers run before the
+    interpreter starts finalizing, and sleeping releases the GIL their destructors
+    need. Linux only (``/proc/self/task``); elsewhere it returns at once.
+    """
+    if not os.path.isdir(_TASKS):
+        return
+    deadline = time.monotonic() + timeout
+    for native_id in list(_ending_native_ids):
+        while _os_thread_alive(native_id):
+            if time.monotonic() > deadline:
+                log.debug("thread %s still running its thread_local destructors at exit", native_id)
+                return
+            time.sleep(0.0005)
+        _ending_native_ids.discard(native_id)
 
 
 def release_thread_streams(thread_name: str = "") -> None:

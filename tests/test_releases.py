@@ -118,7 +118,6 @@ def test_threads_sharing_one_tokenizer_get_their_own_text_on_releases_with_one_d
     assert outcome.ok, outcome.detail
 
 
-@pytest.mark.slow  # on mlx 0.31.2's CPU build this process aborts at exit in ~15% of runs under the shim (open)
 @pytest.mark.release
 def test_a_thread_that_samples_before_it_first_evaluates_gets_its_own_key():
     # mlx-lm 0.26.4 samples the first token of a short prompt while still building the

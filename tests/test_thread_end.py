@@ -38,6 +38,62 @@ def test_two_hundred_exits_with_the_shim_abort_zero_times_and_some_without(tiny_
     assert with_shim == [(0, False)] * 200
 
 
+SLOW_OS_TEARDOWN = """
+import ctypes, sys, threading, time
+if sys.argv[1] == "shim":
+    import mlx_threadsafe
+    mlx_threadsafe.install()
+import mlx.core as mx
+
+libc = ctypes.CDLL(None)
+
+
+class SlowFinalization:
+    sleep = staticmethod(time.sleep)
+
+    def __del__(self):  # runs while the interpreter finalizes, and lets other threads in
+        self.sleep(0.5)
+
+
+slow_finalization = SlowFinalization()
+
+
+def draw():
+    mx.eval(mx.random.uniform(shape=(4,)))
+    # A thread_local destructor registered after MLX's runs before them (reverse
+    # order): this OS thread lingers 0.1 s after join() returned, as on a loaded machine.
+    libc.__cxa_thread_atexit_impl(libc.usleep, ctypes.c_void_p(100_000), None)
+
+
+thread = threading.Thread(target=draw)
+thread.start()
+thread.join()
+"""
+
+
+@pytest.mark.parametrize("mlx_version", ["installed", pytest.param("0.31.2", marks=pytest.mark.release)])
+def test_a_thread_whose_os_teardown_outlives_join_does_not_abort_the_exit(mlx_version):
+    # join() returns before the OS thread runs MLX's thread_local destructors; the random
+    # key's destructor takes the GIL, which aborts the process if finalization has begun.
+    # The script widens that window on purpose, so the race is lost every time.
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    from releases import release_python
+
+    python = sys.executable if mlx_version == "installed" else release_python("mlx-lm==0.26.4", mlx=mlx_version)
+
+    def run(mode):
+        return subprocess.run([python, "-c", SLOW_OS_TEARDOWN, mode], capture_output=True, text=True,
+                              cwd=ROOT, timeout=120)
+
+    without = run("plain")
+    assert without.returncode != 0 and "terminate called" in without.stderr, (without.returncode, without.stderr)
+    with_shim = run("shim")
+    assert with_shim.returncode == 0, with_shim.stderr
+
+
 SEEDED = """
 import json, threading, mlx_threadsafe
 mlx_threadsafe.install()

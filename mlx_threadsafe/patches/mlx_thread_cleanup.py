@@ -8,8 +8,11 @@ of the thread (what the MLX maintainers do in mlx-lm's own tests) prevents it.
 
 How: ``mx.eval`` and ``mx.async_eval`` adopt the calling thread (one thread-local
 lookup per call); an adopted thread runs ``mx.clear_streams()`` on itself when it
-ends (see `mlx_threadsafe.streams`).
+ends (see `mlx_threadsafe.streams`), and at exit the main thread waits for the OS
+threads of ended MLX threads to finish their C++ destructors.
 """
+
+import atexit
 
 from .. import streams
 from ..originals import Originals
@@ -24,6 +27,8 @@ def apply(mlx_core):
     _originals.on_restore(lambda: thread_adoption.release("mlx.thread_cleanup"))
     streams.cleanup_enabled = True
     _originals.on_restore(lambda: setattr(streams, "cleanup_enabled", False))
+    atexit.register(streams.wait_for_ended_threads)
+    _originals.on_restore(lambda: atexit.unregister(streams.wait_for_ended_threads))
 
 
 def revert():
