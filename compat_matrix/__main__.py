@@ -33,8 +33,12 @@ def main(argv: Optional[List[str]] = None) -> int:
                         if args.releases else verify.RELEASES["ci"])
         targets = verify.targets(requirements, args.mlx or verify.RELEASES["mlx"])
         print(f"verifying {len(targets)} release/mlx pairs with {args.jobs} jobs", flush=True)
-        records.update(verify.run(targets, jobs=args.jobs, progress=lambda line: print(line, flush=True)))
-        verify.save_evidence(records)
+
+        def keep(key, record):  # saved as each pair ends: an hour-long sweep cut short keeps its work
+            records[key] = record
+            verify.save_evidence(records)
+
+        verify.run(targets, jobs=args.jobs, progress=lambda line: print(line, flush=True), finished=keep)
         table.write(records)
     problems = verify.check(records)
     for problem in problems:

@@ -13,7 +13,7 @@ import os
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from mlx_threadsafe import registry, versions
 from mlx_threadsafe.patches import ALL
@@ -102,8 +102,8 @@ def run_target(target: Target) -> Dict[str, Any]:
         applied = _applied_patches(python, target.package)
     except (CannotInstall, RuntimeError) as error:
         return dict(record, state="cannot-run", reason=str(error))
-    without = run_batch(scenarios, shim=False, python=python)
-    with_shim = _rerun_crashes(run_batch(scenarios, shim=True, python=python), python)
+    without = run_batch(scenarios, shim=False, python=python, timeout=SCENARIO_TIMEOUT)
+    with_shim = _rerun_crashes(run_batch(scenarios, shim=True, python=python, timeout=SCENARIO_TIMEOUT), python)
     results = {}
     for name in scenarios:
         sides = {side: {"ok": o.ok, "applicable": o.applicable, "detail": o.detail[:200]}
@@ -113,6 +113,9 @@ def run_target(target: Target) -> Dict[str, Any]:
 
 
 CRASH_RERUNS = 2
+# A scenario takes seconds on the tiny models; one that runs this long is deadlocked
+# (seen without the shim: 4 threads on one qwen2_vl with mlx 0.31.2).
+SCENARIO_TIMEOUT = 120
 
 
 def _rerun_crashes(outcomes: Dict[str, Outcome], python: str) -> Dict[str, Outcome]:
@@ -126,18 +129,22 @@ def _rerun_crashes(outcomes: Dict[str, Outcome], python: str) -> Dict[str, Outco
     for name, outcome in outcomes.items():
         if outcome.ok or not any(mark in outcome.detail for mark in CRASHES):
             continue
-        reruns = [run_batch([name], shim=True, python=python)[name] for _ in range(CRASH_RERUNS)]
+        reruns = [run_batch([name], shim=True, python=python, timeout=SCENARIO_TIMEOUT)[name]
+                  for _ in range(CRASH_RERUNS)]
         if all(rerun.ok for rerun in reruns):
             settled[name] = Outcome(name, True, f"{reruns[-1].detail} (passed {CRASH_RERUNS} re-runs after a "
                                                 f"first run that {outcome.detail[:80]})", outcome.applicable)
     return settled
 
 
-def run(targets_to_run: Sequence[Target], jobs: int = 2, progress=print) -> Dict[str, Dict[str, Any]]:
+def run(targets_to_run: Sequence[Target], jobs: int = 2, progress=print,
+        finished: Callable[[str, Dict[str, Any]], None] = lambda key, record: None) -> Dict[str, Dict[str, Any]]:
+    """Run the targets `jobs` at a time; `finished(key, record)` hears of each as it ends."""
     records = {}
     with ThreadPoolExecutor(jobs) as pool:
         for target, record in zip(targets_to_run, pool.map(run_target, targets_to_run)):
             records[target.key] = record
+            finished(target.key, record)
             progress(f"{target.key}: {summarize(record)}")
     return records
 

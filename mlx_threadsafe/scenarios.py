@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import queue
 import subprocess
 import sys
 import threading
@@ -553,23 +554,60 @@ def run_in_subprocess(name: str, shim: bool, python: Optional[str] = None, timeo
     return run_batch([name], shim, python, timeout, env)[name]
 
 
+def _run_until_silent(command: List[str], env: Dict[str, str], timeout: float):
+    """Run `command`, killing it once it has printed no line for `timeout` seconds.
+
+    Returns (stdout, returncode or None if killed, stderr). A deadlocked scenario (or a
+    process that hangs at exit) costs one `timeout`, however many scenarios came first.
+    """
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    lines: "queue.SimpleQueue[Optional[str]]" = queue.SimpleQueue()
+    stderr: List[str] = []
+
+    def pump_stdout() -> None:
+        for line in process.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    readers = [threading.Thread(target=pump_stdout, daemon=True),
+               threading.Thread(target=lambda: stderr.append(process.stderr.read()), daemon=True)]
+    for reader in readers:
+        reader.start()
+    stdout: List[str] = []
+    returncode: Optional[int] = None
+    while True:
+        try:
+            line = lines.get(timeout=timeout)
+        except queue.Empty:
+            process.kill()
+            process.wait()
+            break
+        if line is None:
+            try:
+                returncode = process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:  # closed its output, then hung
+                process.kill()
+                process.wait()
+            break
+        stdout.append(line)
+    for reader in readers:
+        reader.join(timeout=5)
+    return "".join(stdout), returncode, "".join(stderr)
+
+
 def run_batch(names: List[str], shim: bool, python: Optional[str] = None, timeout: float = 300,
               env: Optional[Dict[str, str]] = None) -> Dict[str, Outcome]:
     """Run scenarios one after another in one fresh process (imports are paid once).
 
     A scenario that kills its process (segfault, abort) is reported from the exit code,
-    and the ones after it are run again, each in a process of its own.
+    one that runs `timeout` seconds without finishing as hung; the ones after it are run
+    again, each in a process of its own.
     """
     command = [python or sys.executable, "-m", "mlx_threadsafe.scenarios", *names] + (["--shim"] if shim else [])
     child_env = dict(os.environ, **(env or {}))
     child_env.setdefault("HF_HUB_OFFLINE", "1")
     child_env.setdefault("TRANSFORMERS_OFFLINE", "1")
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout * len(names), env=child_env)
-        stdout, returncode, stderr = done.stdout, done.returncode, done.stderr
-    except subprocess.TimeoutExpired as expired:
-        stdout = expired.stdout.decode() if isinstance(expired.stdout, bytes) else (expired.stdout or "")
-        returncode, stderr = None, f"hung for {timeout * len(names)}s"
+    stdout, returncode, stderr = _run_until_silent(command, child_env, timeout)
     outcomes: Dict[str, Outcome] = {}
     for line in stdout.splitlines():
         if line.startswith("{"):
@@ -578,11 +616,12 @@ def run_batch(names: List[str], shim: bool, python: Optional[str] = None, timeou
     if len(outcomes) == len(names):
         last = outcomes[names[-1]]
         if returncode != 0 and last.ok:  # every scenario reported, then the process died at exit
-            outcomes[last.scenario] = Outcome(last.scenario, False, f"passed, then the process exited with {returncode}",
+            ending = f"exited with {returncode}" if returncode is not None else f"hung for {timeout}s at exit"
+            outcomes[last.scenario] = Outcome(last.scenario, False, f"passed, then the process {ending}",
                                               last.applicable)
         return outcomes
     if returncode is None:
-        died = f"hung for {timeout * len(names)}s"
+        died = f"hung for {timeout}s"
     else:
         died = f"process died (exit {returncode}): {(stderr.strip().splitlines() or ['no output'])[-1]}"
     remaining = [name for name in names if name not in outcomes]
