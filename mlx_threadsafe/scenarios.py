@@ -159,6 +159,20 @@ def threads_sample_differently() -> str:
     return "different"
 
 
+@scenario("a sampler mlx-lm compiled at import draws fresh numbers on a worker thread (mlx-lm #1675)")
+def compiled_sampler_advances_on_worker() -> str:
+    import mlx.core as mx
+
+    make_sampler = require("mlx_lm.sample_utils", "make_sampler")
+    sampler = make_sampler(temp=1.0)
+    flat = mx.zeros((1, 1000))
+    mx.eval(flat)
+    draws = on_new_thread(lambda: [sampler(flat).item() for _ in range(8)])
+    if len(set(draws)) == 1:
+        raise AssertionError(f"the sampler drew {draws[0]} on all 8 calls on a worker thread")
+    return f"{len(set(draws))} distinct draws in 8"
+
+
 BATCH_PROMPTS = [[1, 5, 6, 7], [1, 8, 9, 10, 11], [1, 12, 13]]
 
 

@@ -14,10 +14,10 @@ pattern (mlx-lm PR #1537) and removes the abort at interpreter exit
 when they run while the main thread finalizes the interpreter.
 
 That is not enough alone: ``Thread.join()`` (before Python 3.13) returns when the
-thread's Python state is gone, while its OS thread may still be running those
-destructors; MLX's per-thread random key acquires the GIL in its destructor, and if
-the main thread has meanwhile begun finalizing, that acquire ends the thread inside a
-``noexcept`` destructor: the same abort. So at exit the main thread waits (bounded)
+thread's Python state is gone, while its OS thread has still to run those destructors;
+MLX's per-thread random key (and compile cache) take the GIL in theirs, so they wait
+while the main thread runs on, and if it has meanwhile begun finalizing, that acquire
+ends the thread inside a ``noexcept`` destructor: the same abort. So at exit the main thread waits (bounded)
 for the OS threads of ended MLX threads to be gone, before finalization begins.
 """
 
@@ -48,6 +48,7 @@ _names_seen: Counter = Counter()
 # running C++ thread_local destructors (see wait_for_ended_threads).
 _ending_native_ids: set = set()
 _TASKS = "/proc/self/task"
+exit_wait_registered = False
 # A server that starts a thread per request must not grow the set without bound.
 _PRUNE_ABOVE = 256
 

@@ -139,3 +139,72 @@ def test_the_oldest_release_fails_without_the_shim_and_passes_with_it(name):
     assert not without.ok and "There is no Stream" in without.detail, without.detail
     outcome = run_in_subprocess(name, shim=True, python=python)
     assert outcome.ok, outcome.detail
+
+
+# ------------------------------------------------ compiled samplers on mlx 0.31.2 - 0.32.0
+
+
+@pytest.mark.release
+def test_a_sampler_compiled_at_import_is_frozen_off_the_import_thread_without_the_shim():
+    # mlx-lm #1675: mx.compile captured the importing thread's random key.
+    python = release_python("mlx-lm==0.26.4", mlx="0.31.2")
+    without = run_in_subprocess("compiled_sampler_advances_on_worker", shim=False, python=python)
+    assert not without.ok and "on all 8 calls" in without.detail, without.detail
+    outcome = run_in_subprocess("compiled_sampler_advances_on_worker", shim=True, python=python)
+    assert outcome.ok, outcome.detail
+
+
+SAMPLERS_INSTALLED_AFTER_IMPORT = """
+    import json, threading
+    import mlx.core as mx
+    import mlx_lm.sample_utils as sample_utils
+    from mlx_lm.sample_utils import categorical_sampling as copied
+    import mlx_threadsafe
+
+    originals = [sample_utils.categorical_sampling]  # in a list: install repoints module globals
+    make_sampler = sample_utils.make_sampler
+    status = mlx_threadsafe.install()
+    sampler = make_sampler(temp=1.0)
+    flat = mx.zeros((1, 1000))
+    mx.eval(flat)
+    draws = []
+    worker = threading.Thread(target=lambda: draws.extend(sampler(flat).item() for _ in range(8)))
+    worker.start(); worker.join()
+    patched = [status["mlx.compile.random_state"].state, len(set(draws)) > 1,
+               copied is not originals[0] and copied is sample_utils.categorical_sampling,
+               sample_utils.make_sampler is make_sampler]
+    mlx_threadsafe.uninstall()
+    restored = [sample_utils.categorical_sampling is originals[0], copied is originals[0]]
+    print(json.dumps([patched, restored]))
+"""
+
+
+@pytest.mark.release
+def test_samplers_compiled_before_install_are_compiled_again_and_restored_by_uninstall():
+    out = run_json(SAMPLERS_INSTALLED_AFTER_IMPORT, python=release_python("mlx-lm==0.26.4", mlx="0.31.2"))
+    assert out == [["applied", True, True, True], [True, True]]
+
+
+@pytest.mark.release
+def test_a_compiled_function_capturing_the_key_among_other_state_updates_both_per_thread():
+    out = run_json("""
+        import json, threading
+        from functools import partial
+        import mlx.core as mx, mlx_threadsafe
+        mlx_threadsafe.install()
+        counter = {"steps": mx.array(0)}
+        state = [counter, mx.random.state]
+
+        @partial(mx.compile, inputs=state, outputs=state)
+        def step():
+            counter["steps"] = counter["steps"] + 1
+            return mx.random.randint(0, 1000, shape=(1,))
+
+        draws = []
+        def work():
+            draws.extend(step().item() for _ in range(6))
+        worker = threading.Thread(target=work); worker.start(); worker.join()
+        print(json.dumps([len(set(draws)), counter["steps"].item()]))
+    """, python=release_python("mlx-lm==0.26.4", mlx="0.31.2"))
+    distinct, steps = out
+    assert distinct > 1 and steps == 6, out

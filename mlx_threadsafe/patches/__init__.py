@@ -1,6 +1,7 @@
 """One module per patched target; ALL is the order install() applies them in."""
 
 from . import (
+    mlx_compile_random_state,
     mlx_lm_batch_generator_close_guard,
     mlx_lm_batch_generator_owner,
     mlx_lm_detokenizer,
@@ -19,6 +20,7 @@ from . import (
 ALL = [
     mlx_thread_cleanup.PATCH,
     mlx_thread_rng.PATCH,
+    mlx_compile_random_state.PATCH,
     mlx_lm_generation_stream.PATCH,
     mlx_lm_load.PATCH,
     mlx_lm_detokenizer.PATCH,

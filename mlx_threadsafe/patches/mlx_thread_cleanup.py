@@ -27,8 +27,11 @@ def apply(mlx_core):
     _originals.on_restore(lambda: thread_adoption.release("mlx.thread_cleanup"))
     streams.cleanup_enabled = True
     _originals.on_restore(lambda: setattr(streams, "cleanup_enabled", False))
-    atexit.register(streams.wait_for_ended_threads)
-    _originals.on_restore(lambda: atexit.unregister(streams.wait_for_ended_threads))
+    # Registered once and kept after revert: threads that ended while the patch was on
+    # may still be in their C++ destructors, waiting for the GIL, when the process exits.
+    if not streams.exit_wait_registered:
+        atexit.register(streams.wait_for_ended_threads)
+        streams.exit_wait_registered = True
 
 
 def revert():
