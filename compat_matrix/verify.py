@@ -121,9 +121,11 @@ SCENARIO_TIMEOUT = 120
 def _rerun_crashes(outcomes: Dict[str, Outcome], python: str) -> Dict[str, Outcome]:
     """A scenario whose process crashed with the shim is run alone CRASH_RERUNS more times.
 
-    mlx 0.31.2 on the CPU crashes now and then with many threads, shim or not (measured:
-    2 of 12 runs abort at exit without it). One crash is kept as a failure only if a
-    re-run crashes or fails too; otherwise the pass is recorded with the crash named.
+    The exit aborts the first sweep saw (2 of 12 runs on mlx 0.31.2, shim or not) were
+    the join/thread_local-destructor race mlx.thread_cleanup now closes; a rare crash
+    with many threads remains possible on an old release. One crash is kept as a failure
+    only if a re-run crashes or fails too; otherwise the pass is recorded with the crash
+    named.
     """
     settled = dict(outcomes)
     for name, outcome in outcomes.items():
