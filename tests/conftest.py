@@ -39,6 +39,16 @@ def tiny_models():
 RACE_SCENARIOS = {"batch_generator_shared_by_2_threads", "batch_generator_shared_by_8_threads"}
 
 
+def assert_fixed_by_shim(name: str, python: str, failure_mark: str) -> None:
+    """Scenario `name` fails without the shim (its detail names `failure_mark`) and passes with it."""
+    from mlx_threadsafe.scenarios import run_in_subprocess
+
+    without = run_in_subprocess(name, shim=False, python=python)
+    assert not without.ok and failure_mark in without.detail, without.detail
+    outcome = run_in_subprocess(name, shim=True, python=python)
+    assert outcome.ok, outcome.detail
+
+
 def failure_without_shim(name: str, python: str = None, tries: int = 3):
     """The first failing outcome without the shim (a race gets `tries` runs), or None."""
     from mlx_threadsafe.scenarios import run_in_subprocess

@@ -7,7 +7,7 @@ thread, so every off-thread generation fails without the shim.
 
 import pytest
 
-from conftest import failure_without_shim, run_json
+from conftest import assert_fixed_by_shim, failure_without_shim, run_json
 from mlx_threadsafe.scenarios import run_in_subprocess
 from releases import release_python
 
@@ -23,11 +23,7 @@ THREADED_SCENARIOS = ["generate_on_worker", "asyncio_to_thread", "eight_threads_
 @pytest.mark.parametrize("release", MODULE_STREAM_RELEASES)
 @pytest.mark.parametrize("name", THREADED_SCENARIOS)
 def test_threaded_generation_fails_without_the_shim_and_passes_with_it(release, name):
-    python = release_python(release)
-    without = run_in_subprocess(name, shim=False, python=python)
-    assert not without.ok and "There is no Stream(cpu, 0) in current thread" in without.detail
-    with_shim = run_in_subprocess(name, shim=True, python=python)
-    assert with_shim.ok, with_shim.detail
+    assert_fixed_by_shim(name, release_python(release), "There is no Stream(cpu, 0) in current thread")
 
 
 @pytest.mark.parametrize("release", THREAD_LOCAL_RELEASES)
@@ -123,10 +119,7 @@ def test_a_thread_that_samples_before_it_first_evaluates_gets_its_own_key():
     # mlx-lm 0.26.4 samples the first token of a short prompt while still building the
     # graph; on mlx 0.31.2 every new thread starts from the same key.
     python = release_python("mlx-lm==0.26.4", mlx="0.31.2")
-    without = run_in_subprocess("threads_sample_differently", shim=False, python=python)
-    assert not without.ok and "same text" in without.detail, without.detail
-    outcome = run_in_subprocess("threads_sample_differently", shim=True, python=python)
-    assert outcome.ok, outcome.detail
+    assert_fixed_by_shim("threads_sample_differently", python, "same text")
 
 
 @pytest.mark.release
@@ -135,10 +128,7 @@ def test_the_oldest_release_fails_without_the_shim_and_passes_with_it(name):
     # mlx-lm 0.20.1 keeps its stream in mlx_lm/utils.py; the harness lets its Metal-only
     # wired_limit run on Linux in both runs.
     python = release_python("mlx-lm==0.20.1")
-    without = run_in_subprocess(name, shim=False, python=python)
-    assert not without.ok and "There is no Stream" in without.detail, without.detail
-    outcome = run_in_subprocess(name, shim=True, python=python)
-    assert outcome.ok, outcome.detail
+    assert_fixed_by_shim(name, python, "There is no Stream")
 
 
 # ------------------------------------------------ compiled samplers on mlx 0.31.2 - 0.32.0
@@ -148,10 +138,7 @@ def test_the_oldest_release_fails_without_the_shim_and_passes_with_it(name):
 def test_a_sampler_compiled_at_import_is_frozen_off_the_import_thread_without_the_shim():
     # mlx-lm #1675: mx.compile captured the importing thread's random key.
     python = release_python("mlx-lm==0.26.4", mlx="0.31.2")
-    without = run_in_subprocess("compiled_sampler_advances_on_worker", shim=False, python=python)
-    assert not without.ok and "on all 8 calls" in without.detail, without.detail
-    outcome = run_in_subprocess("compiled_sampler_advances_on_worker", shim=True, python=python)
-    assert outcome.ok, outcome.detail
+    assert_fixed_by_shim("compiled_sampler_advances_on_worker", python, "on all 8 calls")
 
 
 SAMPLERS_INSTALLED_AFTER_IMPORT = """

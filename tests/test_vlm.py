@@ -6,7 +6,7 @@ install mlx-vlm itself.
 
 import pytest
 
-from conftest import failure_without_shim, run_json
+from conftest import assert_fixed_by_shim, failure_without_shim, run_json
 from mlx_threadsafe.scenarios import run_batch, run_in_subprocess
 from releases import release_python
 
@@ -114,7 +114,4 @@ def test_mlx_vlm_0_6_1_lazy_rotary_tables_batch_generator_and_request_state():
 def test_interleaved_requests_overwrite_each_others_positions_even_without_thread_bound_streams():
     # mlx-vlm #1415 on mlx 0.31.2 (CPU streams not yet thread-bound): a plain data race.
     python = release_python("mlx-vlm==0.6.1", mlx="0.31.2", extra=())
-    without = run_in_subprocess("vlm_qwen2_vl_interleaved_requests_keep_their_positions", shim=False, python=python)
-    assert not without.ok and "!= one after another" in without.detail, without.detail
-    outcome = run_in_subprocess("vlm_qwen2_vl_interleaved_requests_keep_their_positions", shim=True, python=python)
-    assert outcome.ok, outcome.detail
+    assert_fixed_by_shim("vlm_qwen2_vl_interleaved_requests_keep_their_positions", python, "!= one after another")
