@@ -12,7 +12,7 @@ import os
 import sys
 import threading
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from types import ModuleType
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple

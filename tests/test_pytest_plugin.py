@@ -3,7 +3,6 @@
 import os
 import sys
 
-import pytest
 
 from conftest import ROOT
 

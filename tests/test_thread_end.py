@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from conftest import run_json, run_python
+from conftest import run_json
 
 EXIT_SCRIPT = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "exit_script.py")).read()
 
