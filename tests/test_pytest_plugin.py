@@ -3,7 +3,6 @@
 import os
 import sys
 
-
 from conftest import ROOT
 
 GENERATE_ON_WORKER = """
