@@ -1,5 +1,6 @@
 """python -m compat_matrix verify [--releases R ...] [--subset ci] [--all] [--mlx V ...] [--jobs N]
 python -m compat_matrix check      compare mlx_threadsafe/compat.toml with the committed evidence
+python -m compat_matrix table      regenerate MATRIX.md and the README summary from the evidence
 
 `verify` runs the releases (default: the CI subset), merges the results into
 compat_matrix/results/evidence.json, regenerates MATRIX.md and the README summary, then
@@ -25,6 +26,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     run.add_argument("--mlx", nargs="*", default=None, help=f"mlx versions (default {verify.RELEASES['mlx']})")
     run.add_argument("--jobs", type=int, default=2)
     commands.add_parser("check", help="check the runtime matrix against the committed evidence")
+    commands.add_parser("table", help="regenerate MATRIX.md and the README summary from the evidence, then check")
     args = parser.parse_args(argv)
 
     records = verify.load_evidence()
@@ -39,6 +41,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             verify.save_evidence(records)
 
         verify.run(targets, jobs=args.jobs, progress=lambda line: print(line, flush=True), finished=keep)
+    if args.command in ("verify", "table"):
         table.write(records)
     problems = verify.check(records)
     for problem in problems:

@@ -22,7 +22,31 @@ def full_table(records: Dict[str, Dict[str, Any]]) -> str:
              "on that mlx), shown in results/evidence.json.", ""]
     for package, scenarios in SCENARIOS_BY_PACKAGE.items():
         lines += _package_table(package, scenarios, [r for r in records.values() if r["package"] == package])
+    lines += _not_run_reasons(records)
     return "\n".join(lines) + "\n"
+
+
+def _not_run_reasons(records: Dict[str, Dict[str, Any]]) -> List[str]:
+    """Every cell that is not a pass or a fix, grouped by its reason: nothing is dropped silently."""
+    groups: Dict[tuple, List[str]] = {}
+    for record in records.values():
+        where = f"{record['release']}@{record['mlx']}"
+        if record["state"] != "ran":
+            groups.setdefault((record["package"], "(all)", "cannot run", record["reason"][:200]), []).append(where)
+            continue
+        for name, result in record["scenarios"].items():
+            if result["verdict"] in ("n/a", "broken"):
+                side = result["with"] if not result["with"]["applicable"] or result["verdict"] == "broken" \
+                    else result["without"]
+                groups.setdefault((record["package"], name, result["verdict"], side["detail"][:200]), []).append(where)
+    if not groups:
+        return []
+    lines = ["## Cells not run, and why", "",
+             "| package | scenario | verdict | reason | releases (@mlx) |", "|---|---|---|---|---|"]
+    for (package, name, verdict_, reason), where in sorted(groups.items()):
+        reason = reason.replace("|", "\\|").replace("\n", " ")
+        lines.append(f"| {package} | {name} | {verdict_} | {reason} | {', '.join(where)} |")
+    return lines + [""]
 
 
 def _package_table(package: str, scenarios: List[str], records: List[Dict[str, Any]]) -> List[str]:

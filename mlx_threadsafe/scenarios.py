@@ -54,20 +54,21 @@ def _non_metal_wired_limit(model, streams=None):
     yield
 
 
-def _let_old_mlx_lm_generate_on_linux() -> None:
-    """Give mlx-lm up to 0.25.2 the non-Metal branch of wired_limit that 0.25.3 added.
+def _let_old_releases_generate_on_linux(module_names) -> None:
+    """Give releases whose wired_limit is Metal-only the non-Metal branch later ones have.
 
-    Those releases read Metal's working-set size unconditionally, so on Linux every
-    generate() dies with KeyError before any thread matters. Replaced in both runs of a
-    scenario (with and without the shim), so the comparison stays fair.
+    mlx-lm up to 0.25.2 and mlx-vlm 0.1.22 - 0.3.x read Metal's working-set size
+    unconditionally, so on Linux every generate() dies with KeyError before any thread
+    matters. Replaced in both runs of a scenario (with and without the shim), so the
+    comparison stays fair.
     """
     import mlx.core as mx
 
     if mx.metal.is_available():
         return
-    # Only modules mlx_lm imported itself: importing mlx_lm.generate by hand on <= 0.22.2
-    # would shadow the generate() function with the CLI module of that name.
-    for module_name in ("mlx_lm.generate", "mlx_lm.utils"):
+    # Only modules the package imported itself: importing mlx_lm.generate by hand on
+    # mlx-lm <= 0.22.2 would shadow the generate() function with the CLI module.
+    for module_name in module_names:
         module = sys.modules.get(module_name)
         wired_limit = vars(module).get("wired_limit") if module is not None else None
         body = getattr(wired_limit, "__wrapped__", None)
@@ -81,7 +82,7 @@ def _load(arch: str, **kwargs):
 
     from .testing import LM_ARCHS, build_lm
 
-    _let_old_mlx_lm_generate_on_linux()
+    _let_old_releases_generate_on_linux(("mlx_lm.generate", "mlx_lm.utils"))
 
     model_type = LM_ARCHS[arch]["model_type"]
     require(f"mlx_lm.models.{model_type}", "Model")  # older releases lack newer architectures
@@ -417,6 +418,9 @@ def _build_vlm(arch: str):
     from .testing import build_vlm
 
     require("mlx_vlm.utils", "update_module_configs")  # the offline builder needs it
+    import mlx_vlm  # noqa: F401 - imports the modules whose wired_limit may need the stand-in
+
+    _let_old_releases_generate_on_linux(("mlx_vlm.generate", "mlx_vlm.utils"))
     return str(build_vlm(arch))
 
 

@@ -9,6 +9,7 @@ builds into its own folder and renames it into place, and the loser discards its
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -259,4 +260,6 @@ def build_vlm(arch: str = "gemma3", root: Optional[Path] = None) -> Path:
         if arch == "gemma3":
             _save_gemma3_processor(directory)
 
-    return _build_once(f"vlm-{arch}-vlm{versions.detect().mlx_vlm}", build, root)
+    # The config's digest is in the key: a changed tiny config must not reuse old weights.
+    digest = hashlib.sha256(json.dumps(VLM_ARCHS[arch], sort_keys=True).encode()).hexdigest()[:8]
+    return _build_once(f"vlm-{arch}-{digest}-vlm{versions.detect().mlx_vlm}", build, root)
