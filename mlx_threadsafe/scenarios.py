@@ -12,6 +12,7 @@ returns a short detail on success and raises on failure; a crash of the process
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import os
 import queue
@@ -71,9 +72,11 @@ def _let_old_releases_generate_on_linux(module_names) -> None:
     for module_name in module_names:
         module = sys.modules.get(module_name)
         wired_limit = vars(module).get("wired_limit") if module is not None else None
-        body = getattr(wired_limit, "__wrapped__", None)
-        if wired_limit is not _non_metal_wired_limit and body is not None \
-                and "is_available" not in body.__code__.co_names:
+        if wired_limit is None or wired_limit is _non_metal_wired_limit:
+            continue
+        # The generator body under contextmanager (and under the shim's close guard, if any).
+        code = getattr(inspect.unwrap(wired_limit), "__code__", None)
+        if code is not None and "is_available" not in code.co_names:
             module.wired_limit = _non_metal_wired_limit
 
 
@@ -435,6 +438,8 @@ def vlm_generate_on_worker() -> str:
 
     def run() -> str:
         result = generate(model, processor, prompt, image=[image], max_tokens=4, verbose=False)
+        if isinstance(result, tuple):  # 0.1.26 - 0.1.27: (text, timing statistics)
+            return result[0]
         return getattr(result, "text", result)
 
     expected = run()
