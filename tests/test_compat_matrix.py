@@ -33,6 +33,16 @@ def test_a_matrix_row_that_drops_a_needed_patch_is_caught():
     assert any("drops mlx_lm.generation_stream, but generate_on_worker" in p for p in problems), problems
 
 
+def test_an_mlx_row_that_drops_the_compiled_sampler_fix_is_caught():
+    # mlx 0.31.2: mlx-lm's samplers froze off the import thread without it
+    row = 'patches = ["mlx.thread_cleanup", "mlx.thread_rng", "mlx.compile.random_state"]'
+    assert row in _matrix_text()
+    wrong = _matrix_text().replace(row, 'patches = ["mlx.thread_cleanup", "mlx.thread_rng"]')
+    problems = verify.check(verify.load_evidence(), wrong)
+    assert any("mlx0.31.2: the matrix drops mlx.compile.random_state, but compiled_sampler_advances_on_worker"
+               in p for p in problems), problems
+
+
 def test_a_matrix_row_that_adds_an_unverified_patch_is_caught():
     records = {k: r for k, r in verify.load_evidence().items() if r["state"] == "ran" and r["mlx"] == "0.32.4"
                and r["package"] == "mlx-lm" and r["release"] == "0.20.1"}

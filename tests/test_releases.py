@@ -195,3 +195,28 @@ def test_a_compiled_function_capturing_the_key_among_other_state_updates_both_pe
     """, python=release_python("mlx-lm==0.26.4", mlx="0.31.2"))
     distinct, steps = out
     assert distinct > 1 and steps == 6, out
+
+
+@pytest.mark.release
+def test_a_key_captured_beside_a_plain_array_is_left_compiled_as_it_was_with_a_warning():
+    # Per-thread copies of that list would take the array's updates away from the caller.
+    out = run_json("""
+        import json, warnings
+        from functools import partial
+        import mlx.core as mx, mlx_threadsafe
+        mlx_threadsafe.install()
+        state = [mx.array(0), mx.random.state]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+
+            @partial(mx.compile, inputs=state, outputs=state)
+            def step():
+                state[0] = state[0] + 1
+                return mx.random.randint(0, 1000, shape=(1,))
+
+        step(); step()
+        print(json.dumps([type(step).__name__, state[0].item(), [str(w.message) for w in caught]]))
+    """, python=release_python("mlx-lm==0.26.4", mlx="0.31.2"))
+    kind, steps, messages = out
+    assert kind != "CompiledPerThread" and steps == 2, out
+    assert any("step captures mx.random.state in a list beside other values" in m for m in messages), messages

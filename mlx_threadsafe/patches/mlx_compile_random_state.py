@@ -11,7 +11,8 @@ state resolves to the calling thread's key).
 
 How: ``mx.compile`` is wrapped; a function whose captured inputs or outputs hold the
 compiling thread's random state is compiled once per calling thread, capturing that
-thread's own state instead. Sampler modules imported before install() compiled their
+thread's own state instead (the containers around it are copied per thread, so one that
+also holds a plain value directly is left as it was, with a warning). Sampler modules imported before install() compiled their
 samplers already; they are imported again (through the wrapper) and every module that
 copied one of their samplers by name is pointed at the new one.
 """
@@ -22,6 +23,7 @@ import functools
 import importlib
 import sys
 import threading
+import warnings
 from typing import Any
 
 import wrapt
@@ -83,11 +85,30 @@ class CompiledPerThread:
         return compiled(*args, **kwargs)
 
 
+def _rebuilt_containers_hold_values(tree: Any, state: Any) -> bool:
+    """Whether a container `_replace` would copy holds a value directly (not in a container).
+
+    MLX writes a compiled function's outputs into the captured containers; a value held
+    directly by a copy would be updated in the copy, and the caller would never see it.
+    """
+    if tree is state or not _holds(tree, state):
+        return False
+    items = list(tree.values()) if isinstance(tree, dict) else list(tree)
+    return any(not isinstance(item, (list, tuple, dict)) or _rebuilt_containers_hold_values(item, state)
+               for item in items if item is not state)
+
+
 def _compile_per_thread_when_capturing_state(random):
     def wrapper(wrapped, instance, args, kwargs):
         bound = _bind_compile_arguments(*args, **kwargs)
         state = random.state
         if not (_holds(bound["inputs"], state) or _holds(bound["outputs"], state)):
+            return wrapped(*args, **kwargs)
+        if any(_rebuilt_containers_hold_values(bound[side], state) for side in ("inputs", "outputs")):
+            warnings.warn(f"mlx_threadsafe: {getattr(bound['fun'], '__qualname__', bound['fun'])} captures "
+                          "mx.random.state in a list beside other values; it is compiled as it was, and called "
+                          "off the compiling thread it keeps that thread's random key (mlx < 0.32.1)",
+                          RuntimeWarning, stacklevel=3)
             return wrapped(*args, **kwargs)
         return CompiledPerThread(wrapped, random, **bound)
 
