@@ -525,6 +525,44 @@ def vlm_qwen2_vl_prefill_then_decode_elsewhere() -> str:
     return f"{len(got)} tokens equal to the one-thread run"
 
 
+def _raw_greedy_forwards(model, request, n_decode: int = 4):
+    """Prefill with the image, then decode token by token, by calling the model itself."""
+    import mlx.core as mx
+
+    make_prompt_cache = require("mlx_vlm.models.cache", "make_prompt_cache")
+    ids, pixels, grid = request
+    cache = make_prompt_cache(model.language_model)
+
+    def next_token(out):
+        token = mx.argmax(getattr(out, "logits", out)[:, -1, :], axis=-1)
+        mx.eval(token)
+        return token
+
+    def prefill():
+        return next_token(model(ids, pixels, mask=None, cache=cache, image_grid_thw=grid))
+
+    def decode(token):
+        tokens = []
+        for _ in range(n_decode):
+            token = next_token(model(token[None], None, mask=None, cache=cache))
+            tokens.append(token.item())
+        return tokens
+
+    return prefill, decode
+
+
+@scenario("mlx-vlm: qwen2_vl raw forwards, prefill on thread A and decode on thread B (no generate_step)")
+def vlm_qwen2_vl_raw_forwards_prefill_then_decode_elsewhere() -> str:
+    model, requests = _qwen2_vl_requests()
+    prefill, decode = _raw_greedy_forwards(model, requests[1])
+    expected = decode(prefill())
+    prefill, decode = _raw_greedy_forwards(model, requests[1])
+    got = on_new_thread(decode, on_new_thread(prefill))
+    if got != expected:
+        raise AssertionError(f"hopping threads gave {got}, one thread gave {expected}")
+    return f"{len(got)} decoded tokens equal to the one-thread run"
+
+
 @scenario("mlx-vlm: two qwen2_vl generations interleaved step by step on one model (mlx-vlm #1415)")
 def vlm_qwen2_vl_interleaved_requests_keep_their_positions() -> str:
     model, requests = _qwen2_vl_requests()

@@ -17,6 +17,7 @@ FIXED_ON_NEWEST = [
     "vlm_batch_generator_collected_on_foreign_thread",
     "vlm_qwen2_vl_concurrent_requests_match_serial",
     "vlm_qwen2_vl_interleaved_requests_keep_their_positions",
+    "vlm_qwen2_vl_raw_forwards_prefill_then_decode_elsewhere",
 ]
 # Pass either way on 0.7.10 (kept green with the shim's wrappers in the path).
 WORK_WITH_SHIM = ["vlm_generate_on_worker", "vlm_qwen2_vl_forward_on_worker", "vlm_qwen2_vl_prefill_then_decode_elsewhere"]
@@ -115,3 +116,20 @@ def test_interleaved_requests_overwrite_each_others_positions_even_without_threa
     # mlx-vlm #1415 on mlx 0.31.2 (CPU streams not yet thread-bound): a plain data race.
     python = release_python("mlx-vlm==0.6.1", mlx="0.31.2", extra=())
     assert_fixed_by_shim("vlm_qwen2_vl_interleaved_requests_keep_their_positions", python, "!= one after another")
+
+
+def test_uninstall_restores_the_forward_of_classes_that_hold_request_state():
+    out = run_json("""
+        import json
+        import mlx_threadsafe
+        from mlx_threadsafe import scenarios
+        model, _ = scenarios._qwen2_vl_requests()  # imports the model classes, unpatched
+        holder = type(model.language_model)
+        original = holder.__dict__.get("__call__")
+        mlx_threadsafe.install()
+        scenarios._qwen2_vl_requests()  # loaded again: the loader hook wraps the holder's forward
+        wrapped = type(holder.__dict__.get("__call__")).__name__
+        mlx_threadsafe.uninstall()
+        print(json.dumps([wrapped, holder.__dict__.get("__call__") is original]))
+    """, python=newest())
+    assert out == ["FunctionWrapper", True]

@@ -25,6 +25,9 @@ from .rebind import module_attribute, rebind_everywhere
 
 _depth = threading.local()
 LAZY_MARK = "_mlx_threadsafe_lazy_thread"
+# Called with each model a wrapped loader returns (after materializing it): patches that
+# need to see every loaded model register here (mlx_vlm.generate_step.request_state).
+after_load_hooks: list = []
 
 
 class LazyModelUsedOffThread(RuntimeError):
@@ -96,6 +99,8 @@ class LoadMaterializePatch:
                 self._guard_lazy(model)
             else:
                 materialize(model)
+            for hook in list(after_load_hooks):
+                hook(model)
             return result
 
         return wrapper

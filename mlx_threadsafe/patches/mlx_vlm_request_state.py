@@ -13,6 +13,12 @@ may read them) and taken back out. Each generation starts from a clean state, as
 freshly loaded model. Cost: steps of concurrent generations on one such model run one
 at a time (they interleave token by token, the prefill of one request holds the
 others for its duration); models without this state pass straight through.
+
+A loop of raw forwards (no ``generate_step``) is covered for the thread hop only: for
+each model a loader returns (through mlx_vlm.load.materialize), the classes that hold
+such state evaluate it at the end of every forward, on the thread that wrote it, so a
+decode forward on thread B can read what the prefill on A left. Two raw loops on one
+model at once still share the state: run them through ``generate_step``.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import wrapt
 
 from ..originals import Originals
 from ..registry import Patch, TargetMissing
+from . import load_materialize
 from .rebind import rebind_everywhere
 
 log = logging.getLogger("mlx_threadsafe")
@@ -107,6 +114,29 @@ def _per_request_state(wrapped, instance, args, kwargs):
     return _steps_with_own_state(steps, state) if state.holders else steps
 
 
+def _evaluate_state_after_forward(wrapped, instance, args, kwargs):
+    result = wrapped(*args, **kwargs)
+    import mlx.core as mx
+
+    values = [getattr(instance, name, None) for name in STATE_NAMES]
+    arrays = [value for value in values if isinstance(value, mx.array)]
+    if arrays:
+        mx.eval(arrays)  # cheap once evaluated; only the prefill's new values compute here
+    return result
+
+
+def _evaluate_state_of_every_forward(model) -> None:
+    """A loader hook: the state-holding classes of `model` evaluate their state per forward."""
+    for cls in {type(module) for module, _ in _request_state(model).holders}:
+        if cls not in _forward_wrapped_classes:
+            _forward_wrapped_classes.add(cls)
+            _originals.set_attribute(cls, "__call__",
+                                     wrapt.FunctionWrapper(cls.__call__, _evaluate_state_after_forward))
+
+
+_forward_wrapped_classes: set = set()
+
+
 def _home():
     for name in HOMES:
         module = sys.modules.get(name)
@@ -121,6 +151,9 @@ def apply(package):
     unreachable = rebind_everywhere(original, wrapt.FunctionWrapper(original, _per_request_state), _originals)
     if unreachable:
         log.debug("generate_step copies left unwrapped: %s", "; ".join(sorted(set(unreachable))))
+    load_materialize.after_load_hooks.append(_evaluate_state_of_every_forward)
+    _originals.on_restore(lambda: load_materialize.after_load_hooks.remove(_evaluate_state_of_every_forward))
+    _originals.on_restore(_forward_wrapped_classes.clear)
 
 
 def revert():
