@@ -187,6 +187,7 @@ class BatchCase:
     cls: type
     make: Callable[..., object]  # keyword arguments go to the constructor
     insert: Callable[[object], list]
+    next_kwargs: Callable[[], dict] = dict  # what each next() takes (mlx-vlm before 0.5.0)
 
 
 def _lm_batch_case() -> BatchCase:
@@ -203,24 +204,36 @@ def _vlm_batch_case() -> BatchCase:
     from mlx_vlm import load
 
     BatchGenerator = require("mlx_vlm.generate", "BatchGenerator")
-    if "prompt_kwargs" not in inspect.signature(BatchGenerator.insert).parameters:
-        raise NotApplicable("this BatchGenerator (before 0.5.0) takes the padded batch's embeddings through "
-                            "next(); the scenario drives insert(prompt_kwargs=...)")
     model, processor = load(_build_vlm("gemma3"))
 
+    def make(**kwargs):
+        return BatchGenerator(model.language_model, processor, max_tokens=8, **kwargs)
+
+    def embeddings(prompts) -> dict:
+        # Built lazily on the calling thread, as the server's request threads do.
+        return {k: v for k, v in model.get_input_embeddings(mx.array(prompts), None).to_dict().items()
+                if v is not None}
+
+    if "prompt_kwargs" in inspect.signature(BatchGenerator.insert).parameters:
+        return BatchCase(BatchGenerator, make, lambda generator: generator.insert(
+            BATCH_PROMPTS, prompt_kwargs=[embeddings([prompt]) for prompt in BATCH_PROMPTS]))
+    # Before 0.5.0 next() takes the embeddings of the whole padded batch, sliced by the
+    # generator in its own (length) order: prompts of one length need no padding.
+    prompts = [prompt[:3] for prompt in BATCH_PROMPTS]
+    inserted: Dict[str, dict] = {}
+
     def insert(generator) -> list:
-        # Built lazily on the inserting thread, as the server's request threads do.
-        rows = [model.get_input_embeddings(mx.array([prompt]), None).to_dict() for prompt in BATCH_PROMPTS]
-        return generator.insert(BATCH_PROMPTS, prompt_kwargs=[{k: v for k, v in row.items() if v is not None}
-                                                             for row in rows])
+        # Evaluated here: every next() of every thread passes these same arrays.
+        inserted["kwargs"] = embeddings(prompts)
+        mx.eval(list(inserted["kwargs"].values()))
+        return generator.insert(prompts)
 
-    return BatchCase(BatchGenerator,
-                     lambda **kwargs: BatchGenerator(model.language_model, processor, max_tokens=8, **kwargs), insert)
+    return BatchCase(BatchGenerator, make, insert, next_kwargs=lambda: inserted.get("kwargs", {}))
 
 
-def _step(generator, tokens, lock=None) -> bool:
+def _step(generator, tokens, lock=None, **next_kwargs) -> bool:
     """One next(); records each generated token under its uid; False once nothing is left."""
-    result = generator.next()
+    result = generator.next(**next_kwargs)
     responses = result[1] if isinstance(result, tuple) else result
     if lock is not None:
         lock.acquire()
@@ -240,11 +253,11 @@ def _one_thread_tokens(case: BatchCase, remove_first: bool = False):
     uids = case.insert(generator)
     tokens: Dict[int, list] = {}
     for _ in range(3):
-        _step(generator, tokens)
+        _step(generator, tokens, **case.next_kwargs())
     if remove_first:
         generator.remove([uids[0]])
         tokens.pop(uids[0], None)
-    while _step(generator, tokens):
+    while _step(generator, tokens, **case.next_kwargs()):
         pass
     return tokens
 
@@ -260,14 +273,14 @@ def _handoff(case: BatchCase) -> str:
         box["uids"] = case.insert(generator)
         box["tokens"] = tokens = {}
         for _ in range(3):
-            _step(generator, tokens)
+            _step(generator, tokens, **case.next_kwargs())
 
     def finish_on_b():
         generator, tokens = box["generator"], box["tokens"]
         if can_remove:
             generator.remove([box["uids"][0]])
             tokens.pop(box["uids"][0], None)
-        while _step(generator, tokens):
+        while _step(generator, tokens, **case.next_kwargs()):
             pass
         return tokens
 
@@ -286,7 +299,7 @@ def _shared_by(case: BatchCase, n_threads: int) -> str:
     lock = threading.Lock()
 
     def drive():
-        while _step(generator, tokens, lock):
+        while _step(generator, tokens, lock, **case.next_kwargs()):
             pass
 
     threads = [threading.Thread(target=drive) for _ in range(n_threads)]
@@ -368,7 +381,7 @@ def _collected_on_foreign_thread(case: BatchCase, set_limit_by_hand: bool) -> st
         def build_on_a():
             generator = case.make(stream=mx.default_stream(mx.default_device()))
             case.insert(generator)
-            _step(generator, {})
+            _step(generator, {}, **case.next_kwargs())
             if set_limit_by_hand:  # what mlx-lm's __init__ does on Metal
                 generator._old_wired_limit = mx.set_wired_limit(0)
             box["generator"] = generator
