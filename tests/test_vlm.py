@@ -99,6 +99,13 @@ def test_mlx_vlm_0_4_4_generates_on_a_worker_with_the_shim():
 
 
 @pytest.mark.release
+def test_mlx_vlm_0_4_4_batch_generator_hands_off_between_threads_with_the_shim():
+    # Before 0.5.0 next() takes the batch's embeddings; the owner patch hops it all the same.
+    assert_fixed_by_shim("vlm_batch_generator_handoff", release_python("mlx-vlm==0.4.4", extra=()),
+                         "There is no Stream")
+
+
+@pytest.mark.release
 def test_mlx_vlm_0_6_1_lazy_rotary_tables_batch_generator_and_request_state():
     # 0.6.1: qwen2_vl rotary tables lazy after load; BatchGenerator with insert(prompt_kwargs=).
     python = release_python("mlx-vlm==0.6.1", extra=())
