@@ -66,7 +66,7 @@ class _ThreadEnd:
     def __del__(self) -> None:
         if self.owns_streams or cleanup_enabled:
             release_thread_streams(self.thread_name)
-        if cleanup_enabled:
+            # A Worker's thread owns its streams: it is waited for even without the patch.
             if len(_ending_native_ids) > _PRUNE_ABOVE:
                 _ending_native_ids.difference_update([tid for tid in list(_ending_native_ids)
                                                       if not _os_thread_alive(tid)])

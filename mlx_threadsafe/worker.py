@@ -302,6 +302,9 @@ def _close_running_workers() -> None:
     for core in cores:
         if core.thread is not None and core.thread is not threading.current_thread():
             core.thread.join(10)
+    # join() returns before their OS threads have run MLX's C++ destructors; this hook
+    # was registered at import, so it runs after mlx.thread_cleanup's exit wait: wait here.
+    streams.wait_for_ended_threads()
 
 
 # Thread ident -> every live Worker, to find the worker that owns the calling thread.
