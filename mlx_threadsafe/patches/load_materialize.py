@@ -25,9 +25,6 @@ from .rebind import module_attribute, rebind_everywhere
 
 _depth = threading.local()
 LAZY_MARK = "_mlx_threadsafe_lazy_thread"
-# Called with each model a wrapped loader returns (after materializing it): patches that
-# need to see every loaded model register here (mlx_vlm.generate_step.request_state).
-after_load_hooks: list = []
 
 
 class LazyModelUsedOffThread(RuntimeError):
@@ -57,6 +54,9 @@ class LoadMaterializePatch:
         self.targets = list(targets)  # (module, function name); missing ones are skipped
         self.originals = Originals()
         self.guarded_classes: set = set()
+        # Called with each model these loaders return (after materializing it): patches
+        # that need to see every loaded model register here (mlx-vlm's request_state).
+        self.after_load_hooks: list = []
 
     def apply(self, package) -> None:
         wrapped = 0
@@ -99,7 +99,7 @@ class LoadMaterializePatch:
                 self._guard_lazy(model)
             else:
                 materialize(model)
-            for hook in list(after_load_hooks):
+            for hook in list(self.after_load_hooks):
                 hook(model)
             return result
 

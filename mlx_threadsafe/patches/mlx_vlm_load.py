@@ -8,7 +8,7 @@ and ``sharded_load`` evaluates only the language model, leaving the vision tower
 from ..registry import Patch
 from .load_materialize import LoadMaterializePatch
 
-_load = LoadMaterializePatch([
+LOADERS = LoadMaterializePatch([
     ("mlx_vlm.utils", "load"),
     ("mlx_vlm.utils", "load_model"),
     ("mlx_vlm.utils", "apply_lora_layers"),
@@ -21,11 +21,11 @@ _load = LoadMaterializePatch([
 
 
 def apply(package):
-    _load.apply(package)
+    LOADERS.apply(package)
 
 
 def revert():
-    _load.revert()
+    LOADERS.revert()
 
 
 PATCH = Patch("mlx_vlm.load.materialize", "mlx-vlm", "mlx_vlm", apply, revert)

@@ -30,9 +30,10 @@ from typing import Dict, List, Tuple
 
 import wrapt
 
+from ..materialize import materialize
 from ..originals import Originals
 from ..registry import Patch, TargetMissing
-from . import load_materialize
+from . import mlx_vlm_load
 from .rebind import rebind_everywhere
 
 log = logging.getLogger("mlx_threadsafe")
@@ -58,12 +59,8 @@ class _ModelRequestState:
             setattr(module, name, values.get(index))
 
     def take(self) -> Dict[int, object]:
-        import mlx.core as mx
-
         values = {index: getattr(module, name, None) for index, (module, name) in enumerate(self.holders)}
-        arrays = [value for value in values.values() if isinstance(value, mx.array)]
-        if arrays:
-            mx.eval(arrays)
+        materialize(values, into_objects=False)
         return values
 
 
@@ -116,12 +113,8 @@ def _per_request_state(wrapped, instance, args, kwargs):
 
 def _evaluate_state_after_forward(wrapped, instance, args, kwargs):
     result = wrapped(*args, **kwargs)
-    import mlx.core as mx
-
-    values = [getattr(instance, name, None) for name in STATE_NAMES]
-    arrays = [value for value in values if isinstance(value, mx.array)]
-    if arrays:
-        mx.eval(arrays)  # cheap once evaluated; only the prefill's new values compute here
+    # Cheap once evaluated: only the values a prefill leaves compute here.
+    materialize([getattr(instance, name, None) for name in STATE_NAMES], into_objects=False)
     return result
 
 
@@ -151,8 +144,9 @@ def apply(package):
     unreachable = rebind_everywhere(original, wrapt.FunctionWrapper(original, _per_request_state), _originals)
     if unreachable:
         log.debug("generate_step copies left unwrapped: %s", "; ".join(sorted(set(unreachable))))
-    load_materialize.after_load_hooks.append(_evaluate_state_of_every_forward)
-    _originals.on_restore(lambda: load_materialize.after_load_hooks.remove(_evaluate_state_of_every_forward))
+    # Models mlx-vlm's loaders return (mlx_vlm.load.materialize), not mlx-lm's.
+    mlx_vlm_load.LOADERS.after_load_hooks.append(_evaluate_state_of_every_forward)
+    _originals.on_restore(lambda: mlx_vlm_load.LOADERS.after_load_hooks.remove(_evaluate_state_of_every_forward))
     _originals.on_restore(_forward_wrapped_classes.clear)
 
 
