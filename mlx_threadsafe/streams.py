@@ -48,7 +48,6 @@ _names_seen: Counter = Counter()
 # running C++ thread_local destructors (see wait_for_ended_threads).
 _ending_native_ids: set = set()
 _TASKS = "/proc/self/task"
-exit_wait_registered = False
 # A server that starts a thread per request must not grow the set without bound.
 _PRUNE_ABOVE = 256
 
@@ -80,9 +79,10 @@ def _os_thread_alive(native_id: int) -> bool:
 def wait_for_ended_threads(timeout: float = 1.0) -> None:
     """Wait until the OS threads of ended MLX threads are gone (at most `timeout` s).
 
-    Registered with ``atexit`` by mlx.thread_cleanup: atexit handlers run before the
-    interpreter starts finalizing, and sleeping releases the GIL their destructors
-    need. Linux only (``/proc/self/task``); elsewhere it returns at once.
+    Called by the package's exit hook (`mlx_threadsafe.worker`), after it has stopped
+    the workers: atexit handlers run before the interpreter starts finalizing, and
+    sleeping releases the GIL their destructors need. Linux only (``/proc/self/task``);
+    elsewhere it returns at once.
     """
     if not os.path.isdir(_TASKS):
         return

@@ -291,19 +291,20 @@ _running_cores: "weakref.WeakSet[_Core]" = weakref.WeakSet()
 
 
 @atexit.register
-def _close_running_workers() -> None:
+def _stop_workers_and_wait_for_mlx_threads() -> None:
     # Worker threads are daemons, so they would still be alive while the interpreter
     # finalizes, and their C++ thread-locals would then be destroyed mid-finalization
     # (the `terminate called without an active exception` abort). Stop them first, so
-    # each releases its streams on itself and exits.
+    # each releases its streams on itself and exits. Registered when the package is
+    # imported, so it runs after every atexit hook registered later.
     cores = list(_running_cores)
     for core in cores:
         core.stop()
     for core in cores:
         if core.thread is not None and core.thread is not threading.current_thread():
             core.thread.join(10)
-    # join() returns before their OS threads have run MLX's C++ destructors; this hook
-    # was registered at import, so it runs after mlx.thread_cleanup's exit wait: wait here.
+    # join() returns before OS threads have run MLX's C++ destructors: wait for these
+    # and for every other MLX thread that ended (mlx.thread_cleanup records them).
     streams.wait_for_ended_threads()
 
 

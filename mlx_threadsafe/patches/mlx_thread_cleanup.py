@@ -8,11 +8,11 @@ of the thread (what the MLX maintainers do in mlx-lm's own tests) prevents it.
 
 How: ``mx.eval`` and ``mx.async_eval`` adopt the calling thread (one thread-local
 lookup per call); an adopted thread runs ``mx.clear_streams()`` on itself when it
-ends (see `mlx_threadsafe.streams`), and at exit the main thread waits for the OS
-threads of ended MLX threads to finish their C++ destructors.
+ends (see `mlx_threadsafe.streams`), and is recorded so that at exit the main thread
+waits for its OS thread to finish its C++ destructors (the package's exit hook, in
+`mlx_threadsafe.worker`, which stays on after revert: threads that ended while the
+patch was on may still be waiting for the GIL).
 """
-
-import atexit
 
 from .. import streams
 from ..originals import Originals
@@ -27,11 +27,6 @@ def apply(mlx_core):
     _originals.on_restore(lambda: thread_adoption.release("mlx.thread_cleanup"))
     streams.cleanup_enabled = True
     _originals.on_restore(lambda: setattr(streams, "cleanup_enabled", False))
-    # Registered once and kept after revert: threads that ended while the patch was on
-    # may still be in their C++ destructors, waiting for the GIL, when the process exits.
-    if not streams.exit_wait_registered:
-        atexit.register(streams.wait_for_ended_threads)
-        streams.exit_wait_registered = True
 
 
 def revert():
