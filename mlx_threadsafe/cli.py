@@ -18,6 +18,7 @@ DOCTOR_SCENARIOS = [
     "threads_sample_differently",
     "batch_generator_handoff",
     "batch_generator_shared_by_8_threads",
+    "module_stream_on_request_thread",
     "batch_generator_collected_on_foreign_thread",
 ]
 

@@ -9,8 +9,12 @@ and never evaluates LoRA adapters.
 
 from __future__ import annotations
 
+import logging
+import sys
 import types
 from typing import Any, List
+
+log = logging.getLogger("mlx_threadsafe")
 
 _LEAF_TYPES = (str, bytes, int, float, complex, bool, type(None), types.ModuleType, type,
                types.FunctionType, types.BuiltinFunctionType, types.MethodType)
@@ -45,6 +49,24 @@ def reachable_arrays(obj: Any, into_objects: bool = True) -> List[Any]:
         if isinstance(namespace, dict):
             stack.extend(namespace.values())
     return found
+
+
+def hand_over(value: Any) -> Any:
+    """Evaluate what `value` holds before it is handed to another thread; returns `value`.
+
+    A lazy array belongs to the stream of the thread that built it, so a result
+    computed on one thread (a Worker, a generator's owner) and returned lazy fails on
+    the receiving thread with ``There is no Stream``. Evaluated, any thread may read it.
+    Walks containers and plain objects (responses, caches, dataclasses). A value that
+    cannot be evaluated here (arrays of yet another thread) is handed over as it is.
+    """
+    if "mlx.core" not in sys.modules or isinstance(value, _LEAF_TYPES):
+        return value  # nothing to evaluate: a process without MLX, or a plain value
+    try:
+        materialize(value)
+    except RuntimeError as error:
+        log.debug("result handed over lazy: %s", error)
+    return value
 
 
 def materialize(obj: Any, into_objects: bool = True) -> int:

@@ -409,6 +409,83 @@ def batch_generator_collected_on_foreign_thread() -> str:
     return _collected_on_foreign_thread(_lm_batch_case(), set_limit_by_hand=True)
 
 
+_MODULE_WITH_STREAM = """
+import mlx.core as mx
+
+STREAM = mx.new_stream(mx.default_device())  # at import, on the importing thread
+
+
+def handle():
+    with mx.stream(STREAM):
+        y = mx.ones(4) * 2
+    mx.eval(y)
+    return y.tolist()
+"""
+
+
+@scenario("a stream a module makes at import, used on a request thread (any library's module)")
+def module_stream_on_request_thread() -> str:
+    import importlib
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="mlx_threadsafe-module-")
+    with open(os.path.join(folder, "module_with_stream.py"), "w") as file:
+        file.write(_MODULE_WITH_STREAM)
+    sys.path.insert(0, folder)
+    module = importlib.import_module("module_with_stream")
+    got = on_new_thread(module.handle)
+    if got != module.handle():
+        raise AssertionError(f"the request thread computed {got}, the importing thread {module.handle()}")
+    return f"{got} on the request thread and on the importing thread"
+
+
+@scenario("batch_generate's prompt caches continue the conversation in stream_generate (one thread)")
+def batch_generate_caches_continue() -> str:
+    from mlx_lm import stream_generate
+
+    batch_generate = require("mlx_lm.generate", "batch_generate")
+    if "return_prompt_caches" not in inspect.signature(batch_generate).parameters:
+        raise NotApplicable("this batch_generate returns no prompt caches")
+    model, tokenizer = _load("llama")
+    result = batch_generate(model, tokenizer, BATCH_PROMPTS[:2], max_tokens=4, return_prompt_caches=True)
+    follow_up = [r.token for r in stream_generate(model, tokenizer, [10, 11], prompt_cache=result.caches[0],
+                                                  max_tokens=4)]
+    return f"{len(follow_up)} follow-up tokens after {result.texts}"
+
+
+@scenario("a scheduler thread drives its own BatchGenerator (thread-local stream=) and pickles the caches")
+def batch_generator_on_its_scheduler_thread() -> str:
+    import pickle
+
+    import mlx.core as mx
+
+    case = _lm_batch_case()
+    _takes_stream(case.cls)
+    if not hasattr(mx, "new_thread_local_stream"):
+        raise NotApplicable("this mlx has no new_thread_local_stream")
+    expected = _one_thread_tokens(case)
+
+    def scheduler():
+        generator = case.make(stream=mx.new_thread_local_stream(mx.default_device()))
+        case.insert(generator)
+        tokens: Dict[int, list] = {}
+        saved = []
+        while True:
+            result = generator.next(**case.next_kwargs())
+            responses = result[1] if isinstance(result, tuple) else result
+            for response in responses:
+                tokens.setdefault(response.uid, []).append(response.token)
+                if response.finish_reason and getattr(response, "prompt_cache", None) is not None:
+                    saved.append(pickle.dumps(response.prompt_cache))  # what a server keeps between requests
+            if not (responses or (isinstance(result, tuple) and result[0])):
+                return tokens, len(saved)
+
+    got, saved = on_new_thread(scheduler)
+    if got != expected:
+        raise AssertionError(f"the scheduler thread gave {got}, the main thread {expected}")
+    return f"{sum(map(len, got.values()))} tokens equal to the main-thread run; {saved} prompt caches pickled"
+
+
 # ------------------------------------------------------------------ running
 
 

@@ -29,7 +29,7 @@ import threading
 import time
 import zlib
 from collections import Counter
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 log = logging.getLogger("mlx_threadsafe")
 
@@ -55,14 +55,22 @@ _PRUNE_ABOVE = 256
 class _ThreadEnd:
     """Lives in the thread's locals; its collection marks the end of the thread."""
 
-    __slots__ = ("thread_name", "owns_streams", "native_id")
+    __slots__ = ("thread_name", "owns_streams", "native_id", "on_end")
 
     def __init__(self, thread_name: str) -> None:
         self.thread_name = thread_name
         self.owns_streams = False
         self.native_id = threading.get_native_id()
+        self.on_end: List[Callable[[], None]] = []
 
     def __del__(self) -> None:
+        # First what must still run on this thread while its streams exist
+        # (e.g. a BatchGenerator it owns evaluates its state for the next owner).
+        for step in self.on_end:
+            try:
+                step()
+            except Exception:  # noqa: BLE001 - runs while a thread is being torn down
+                log.debug("thread-end step %r of thread %s failed", step, self.thread_name, exc_info=True)
         if self.owns_streams or cleanup_enabled:
             release_thread_streams(self.thread_name)
             # A Worker's thread owns its streams: it is waited for even without the patch.
@@ -127,6 +135,20 @@ def adopt_current_thread() -> None:
     _local.end = _ThreadEnd(thread.name)
     if rng_enabled and not getattr(_local, "seeded", False):
         seed_current_thread(thread.name)
+
+
+def at_thread_end(step: Callable[[], None]) -> bool:
+    """Run `step` on the calling thread as it ends, before its streams are released.
+
+    Returns False on the main thread, which ends with the interpreter (nothing is
+    registered). Steps run in the order they were added; one that raises is logged.
+    """
+    adopt_current_thread()
+    end = _local.end
+    if not end:
+        return False
+    end.on_end.append(step)
+    return True
 
 
 def generation_stream(device: Any = None) -> Any:

@@ -21,6 +21,7 @@ from concurrent.futures import Future
 from typing import Any, Callable, List, Optional
 
 from . import streams
+from .materialize import hand_over
 from .registry import MlxThreadsafeWarning
 
 log = logging.getLogger("mlx_threadsafe")
@@ -81,7 +82,9 @@ class _Core:
             if not future.set_running_or_notify_cancel():
                 continue
             try:
-                result = fn(*args, **kwargs)
+                # Evaluated here, on the thread that owns its lazy work: the caller is
+                # another thread, which could not evaluate it.
+                result = hand_over(fn(*args, **kwargs))
             except BaseException as error:  # noqa: BLE001 - handed to the caller
                 future.set_exception(error)
             else:

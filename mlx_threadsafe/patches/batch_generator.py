@@ -14,11 +14,13 @@ import itertools
 import logging
 import sys
 import threading
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import wrapt
 
+from .. import streams, versions
 from ..materialize import materialize
 from ..originals import Originals
 from ..registry import TargetMissing
@@ -33,11 +35,31 @@ class WrongThread(RuntimeError):
     """A generator that belongs to one thread was called from another."""
 
 
+# Calls that only queue work (python lists); every other call may leave lazy state on
+# the calling thread's stream.
+_QUEUING_METHODS = frozenset({"insert", "insert_segments"})
+
+
 @dataclass
 class Owner:
+    """Who runs a generator's calls.
+
+    A generator built on a Worker belongs to that worker. One built on any other
+    thread belongs to that thread, and its calls from there run directly, exactly as
+    without the shim. It moves to a dedicated Worker only where a call from another
+    thread would otherwise fail: while its builder has not stepped it yet (nothing of
+    it is lazy on the builder's stream), or once the builder has ended (it evaluated
+    the generator's state on its way out). A generator pinned to its builder's own
+    concrete stream never moves: that stream cannot be used anywhere else.
+    """
+
     thread: threading.Thread
-    worker: Optional[Worker]  # None: the constructing thread owns it (explicit stream=)
+    worker: Optional[Worker]
     dedicated: bool  # a Worker made for this generator alone, closed with it
+    pinned: bool = False  # runs on its builder's concrete stream
+    stepped: bool = False  # its builder has made calls that leave lazy state
+    handed_over: bool = False  # its builder ended and evaluated the generator's state
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
     def is_current(self) -> bool:
         return threading.current_thread() is self.thread
@@ -51,34 +73,58 @@ def find_class(module_names: Sequence[str], class_name: str):
     raise TargetMissing(f"no {class_name} in {', '.join(module_names)}")
 
 
-def _explicit_concrete_stream(kwargs) -> bool:
+def _effective_stream(instance, kwargs):
+    """The stream the generator will run on: its stream=, else its module's generation_stream."""
+    stream = kwargs.get("stream")
+    if stream is None:
+        stream = vars(sys.modules[type(instance).__module__]).get("generation_stream")
+    return stream
+
+
+def _pins_to_builder(stream) -> bool:
+    """True when `stream` is a concrete stream and streams are bound to their thread here."""
     import mlx.core as mx
 
-    stream = kwargs.get("stream")
-    return isinstance(stream, mx.Stream) and not isinstance(stream, getattr(mx, "ThreadLocalStream", ()))
+    # An mx.ThreadLocalStream resolves per thread; before thread-bound streams any
+    # thread may use any stream.
+    return isinstance(stream, mx.Stream) and versions.detect().streams_bound_to_threads
 
 
 def _construct(wrapped, instance, args, kwargs):
     worker = current_worker()
     if worker is not None:
-        owner = Owner(worker.thread, worker, dedicated=False)
-    elif _explicit_concrete_stream(kwargs):
-        # mlx_lm.server (0.31.3+) builds its generator on its generation thread with that
-        # thread's stream: it already owns it, so calls stay direct (zero overhead).
-        owner = Owner(threading.current_thread(), None, dedicated=False)
-    else:
-        worker = Worker(f"{type(instance).__name__}-{next(_generator_names)}")
-        owner = Owner(worker.thread, worker, dedicated=True)
-    vars(instance)[OWNER] = owner
-    if owner.worker is None or owner.is_current():
+        vars(instance)[OWNER] = Owner(worker.thread, worker, dedicated=False)
         return wrapped(*args, **kwargs)
-    _evaluate_array_arguments(args, kwargs)
-    try:
-        return owner.worker.call(wrapped, *args, **kwargs)
-    except BaseException:
-        if owner.dedicated:
-            owner.worker.close(wait=False)
-        raise
+    owner = Owner(threading.current_thread(), None, dedicated=False,
+                  pinned=_pins_to_builder(_effective_stream(instance, kwargs)))
+    vars(instance)[OWNER] = owner
+    if not owner.pinned:
+        # What the builder hands in stays usable if the generator moves to a Worker.
+        _evaluate_array_arguments(args, kwargs)
+        _hand_over_when_thread_ends(instance, owner)
+    return wrapped(*args, **kwargs)
+
+
+_built_here = threading.local()
+
+
+def _hand_over_when_thread_ends(instance, owner: Owner) -> None:
+    built = getattr(_built_here, "generators", None)
+    if built is None:
+        built = _built_here.generators = weakref.WeakKeyDictionary()
+        streams.at_thread_end(lambda: _hand_over(built))  # False (nothing to do) on the main thread
+    built[instance] = owner
+
+
+def _hand_over(built: "weakref.WeakKeyDictionary") -> None:
+    # Runs on the builder as it ends, while its stream still exists: evaluate the lazy
+    # state of each generator it still owns, so that a Worker can carry on with it.
+    for instance, owner in list(built.items()):
+        with owner.lock:
+            if owner.worker is None:
+                materialize(instance)
+                owner.handed_over = True
+                log.debug("%s: state evaluated as thread %s ended", type(instance).__name__, owner.thread.name)
 
 
 def _evaluate_array_arguments(args, kwargs) -> None:
@@ -94,17 +140,55 @@ def _evaluate_array_arguments(args, kwargs) -> None:
 
 def _on_owner(wrapped, instance, args, kwargs):
     owner: Optional[Owner] = vars(instance).get(OWNER) if instance is not None else None
-    if owner is None or owner.is_current():
-        return wrapped(*args, **kwargs)  # made before install(), or already on its owner
+    if owner is None:
+        return wrapped(*args, **kwargs)  # made before install()
+    if owner.worker is None and owner.is_current():
+        if not owner.stepped:
+            _first_calls_on_builder(owner, wrapped, args, kwargs)
+        if owner.worker is None:
+            return wrapped(*args, **kwargs)
     if owner.worker is None:
-        raise WrongThread(
-            f"this {type(instance).__name__} belongs to thread {owner.thread.name!r} (it was built there with "
-            f"stream=<that thread's stream>) and was called from thread {threading.current_thread().name!r}. "
-            "Call it from its own thread, or build it without stream= so that mlx_threadsafe gives it an "
-            "owner Worker that every thread can call."
-        )
+        _move_to_worker(owner, instance)
+    if owner.worker.owns_current_thread():
+        return wrapped(*args, **kwargs)
     _evaluate_array_arguments(args, kwargs)
     return owner.worker.call(wrapped, *args, **kwargs)
+
+
+def _first_calls_on_builder(owner: Owner, wrapped, args, kwargs) -> None:
+    with owner.lock:
+        if owner.worker is not None:
+            return  # another thread moved it to a Worker meanwhile
+        if getattr(wrapped, "__name__", "") in _QUEUING_METHODS:
+            _evaluate_array_arguments(args, kwargs)
+        else:
+            owner.stepped = True
+
+
+def _move_to_worker(owner: Owner, instance) -> None:
+    with owner.lock:
+        if owner.worker is not None:
+            return
+        builder = owner.thread.name
+        caller = threading.current_thread().name
+        if owner.pinned:
+            raise WrongThread(
+                f"this {type(instance).__name__} belongs to thread {builder!r} (it was built there on that "
+                f"thread's own stream) and was called from thread {caller!r}. Call it from its own thread, "
+                "or build it without a concrete stream= (mx.new_thread_local_stream() works anywhere) so "
+                "that mlx_threadsafe can move it to an owner Worker that every thread can call."
+            )
+        if owner.stepped and not owner.handed_over:
+            raise WrongThread(
+                f"this {type(instance).__name__} was stepped on thread {builder!r}, which is still running, "
+                f"and was then called from thread {caller!r}: its state is lazy work of {builder!r}'s stream, "
+                "which no other thread can evaluate. Keep every call on one thread, or build it on a "
+                "mlx_threadsafe.Worker (worker.call(BatchGenerator, ...)) and any thread may call it."
+            )
+        worker = Worker(f"{type(instance).__name__}-{next(_generator_names)}")
+        owner.thread, owner.worker, owner.dedicated = worker.thread, worker, True
+        log.debug("%s built on %s moved to worker %s for a call from %s",
+                  type(instance).__name__, builder, worker.name, caller)
 
 
 def _close_on_owner(wrapped, instance, args, kwargs):

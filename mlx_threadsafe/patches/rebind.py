@@ -41,6 +41,14 @@ def rebind_everywhere(original: Any, replacement: Any, originals: Originals) -> 
             for name, value in list(holder.items()):
                 if value is original:
                     originals.set_attribute(module, name, replacement)
+            # gc does not track a defaults tuple that holds only untracked objects (an
+            # mx.Stream), so get_referrers misses it: look at the module's functions.
+            for function in _functions_of(module):
+                defaults, kwdefaults = function.__defaults__, function.__kwdefaults__
+                if defaults is not None and not any(defaults is h for h in holders):
+                    _repoint_defaults(defaults, original, replacement, originals, function)
+                if kwdefaults is not None and not any(kwdefaults is h for h in holders):
+                    _repoint_kwdefaults(kwdefaults, original, replacement, originals, function)
         elif isinstance(holder, tuple) and _repoint_defaults(holder, original, replacement, originals):
             continue
         elif isinstance(holder, dict) and _repoint_kwdefaults(holder, original, replacement, originals):
@@ -56,15 +64,35 @@ def _functions_holding(container: Any) -> List[types.FunctionType]:
     return [f for f in gc.get_referrers(container) if isinstance(f, types.FunctionType)]
 
 
-def _repoint_defaults(defaults: tuple, original: Any, replacement: Any, originals: Originals) -> bool:
-    functions = [f for f in _functions_holding(defaults) if f.__defaults__ is defaults]
+def _functions_of(module: types.ModuleType) -> List[types.FunctionType]:
+    """The functions a module defines: at its top level and in its classes."""
+    found = []
+    for value in list(vars(module).values()):
+        candidates = vars(value).values() if isinstance(value, type) else (value,)
+        for candidate in list(candidates):
+            candidate = getattr(candidate, "__func__", candidate)  # staticmethod / classmethod
+            if isinstance(candidate, types.FunctionType) and candidate.__module__ == module.__name__:
+                found.append(candidate)
+    return found
+
+
+def _repoint_defaults(defaults: tuple, original: Any, replacement: Any, originals: Originals,
+                      function: Any = None) -> bool:
+    if not any(value is original for value in defaults):
+        return False
+    functions = [function] if function is not None else [
+        f for f in _functions_holding(defaults) if f.__defaults__ is defaults]
     for function in functions:
         originals.set_defaults(function, defaults=tuple(replacement if v is original else v for v in defaults))
     return bool(functions)
 
 
-def _repoint_kwdefaults(kwdefaults: dict, original: Any, replacement: Any, originals: Originals) -> bool:
-    functions = [f for f in _functions_holding(kwdefaults) if f.__kwdefaults__ is kwdefaults]
+def _repoint_kwdefaults(kwdefaults: dict, original: Any, replacement: Any, originals: Originals,
+                        function: Any = None) -> bool:
+    if not any(value is original for value in kwdefaults.values()):
+        return False
+    functions = [function] if function is not None else [
+        f for f in _functions_holding(kwdefaults) if f.__kwdefaults__ is kwdefaults]
     for function in functions:
         originals.set_defaults(function, kwdefaults={k: (replacement if v is original else v) for k, v in kwdefaults.items()})
     return bool(functions)
