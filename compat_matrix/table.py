@@ -59,7 +59,8 @@ def _package_table(package: str, scenarios: List[str], records: List[Dict[str, A
         if record["state"] != "ran":
             lines.append(f"{head} cannot run: {record['reason'][:160]} |" + " |" * len(scenarios))
             continue
-        cells = [CELL[record["scenarios"][name]["verdict"]] if name in record["scenarios"] else "" for name in scenarios]
+        cells = [CELL[record["scenarios"][name]["verdict"]] if name in record["scenarios"] else ""
+                 for name in scenarios]
         lines.append(f"{head} {', '.join(record['applied']) or 'none'} | " + " | ".join(cells) + " |")
     return lines + [""]
 
@@ -82,11 +83,16 @@ def summary(records: Dict[str, Dict[str, Any]]) -> str:
 def write(records: Dict[str, Dict[str, Any]]) -> None:
     with open(os.path.join(HERE, "MATRIX.md"), "w") as sink:
         sink.write(full_table(records))
+    write_readme_block(MARKERS, summary(records))
+
+
+def write_readme_block(markers, content: str) -> None:
+    """Replace what the README holds between the two marker lines (if it has them) with `content`."""
     readme = os.path.join(ROOT, "README.md")
     with open(readme) as source:
         text = source.read()
-    if MARKERS[0] in text:
-        block = f"{MARKERS[0]}\n{summary(records)}\n{MARKERS[1]}"
-        text = re.sub(re.escape(MARKERS[0]) + ".*?" + re.escape(MARKERS[1]), lambda _: block, text, flags=re.S)
+    if markers[0] in text:
+        block = f"{markers[0]}\n{content}\n{markers[1]}"
+        text = re.sub(re.escape(markers[0]) + ".*?" + re.escape(markers[1]), lambda _: block, text, flags=re.S)
         with open(readme, "w") as sink:
             sink.write(text)

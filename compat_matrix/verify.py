@@ -155,7 +155,8 @@ def summarize(record: Dict[str, Any]) -> str:
     if record["state"] != "ran":
         return f"cannot run ({record['reason'][:100]})"
     verdicts = [s["verdict"] for s in record["scenarios"].values()]
-    return ", ".join(f"{verdicts.count(v)} {v}" for v in ("fixed", "not-needed", "n/a", "broken", "FAILS") if v in verdicts)
+    return ", ".join(f"{verdicts.count(v)} {v}"
+                     for v in ("fixed", "not-needed", "n/a", "broken", "FAILS") if v in verdicts)
 
 
 # ------------------------------------------------------------------ evidence

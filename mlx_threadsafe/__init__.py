@@ -12,17 +12,27 @@ from __future__ import annotations
 
 from typing import Iterable, Optional
 
+from .errors import (
+    ForkedAfterMlxUse,
+    LazyModelUsedOffThread,
+    MlxThreadsafeWarning,
+    TargetMissing,
+    WorkerClosed,
+    WorkerQueueFull,
+    WrongThread,
+)
 from .materialize import materialize
-from .registry import MlxThreadsafeWarning, PatchStatus, Registry, Status
+from .registry import PatchStatus, Registry, State, Status
 from .streams import generation_stream, seed
-from .worker import Worker, WorkerClosed, WorkerQueueFull
+from .worker import Worker
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one place the version is written (pyproject.toml reads it)
 
 __all__ = [
-    "install", "uninstall", "status", "is_installed", "Status", "PatchStatus",
-    "Worker", "WorkerClosed", "WorkerQueueFull", "materialize", "generation_stream",
-    "seed", "MlxThreadsafeWarning", "__version__",
+    "install", "uninstall", "status", "is_installed", "Status", "PatchStatus", "State",
+    "Worker", "WorkerClosed", "WorkerQueueFull", "WrongThread", "LazyModelUsedOffThread", "TargetMissing",
+    "ForkedAfterMlxUse",
+    "materialize", "generation_stream", "seed", "MlxThreadsafeWarning", "__version__",
 ]
 
 _registry: Optional[Registry] = None

@@ -117,8 +117,8 @@ def dump_threads(file=None) -> str:
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_call(item: pytest.Item):
     timeout = _timeout(item.config)
-    usable = timeout and hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
-    if not usable:
+    usable = hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
+    if not timeout or not usable:
         yield
         return
 
@@ -162,7 +162,7 @@ def mlx_tiny_model() -> Callable[[str], TinyModel]:
             from .testing import build_lm
 
             path = str(build_lm(arch))
-            model, tokenizer = load(path)
+            model, tokenizer = load(path)[:2]
             _loaded[arch] = TinyModel(path, model, tokenizer)
         return _loaded[arch]
 

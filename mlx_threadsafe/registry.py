@@ -1,8 +1,9 @@
-"""The patch registry: which patches exist, which apply here, and their state.
+"""The patch contract, and the registry that keeps it: which patches apply here, and their state.
 
-install() flows as DESIGN.md draws it: read the versions and the compat matrix; for
-each patch decide disabled / skipped / apply now / apply on import; every apply is
-caught, so one broken patch never breaks the host program.
+install() reads the versions and the compat matrix (compat.toml); for each patch it
+decides disabled / skipped / apply now / apply when its trigger module is imported.
+Every apply and every revert is caught, so one broken patch never breaks the host
+program: its row says `failed` and why.
 """
 
 from __future__ import annotations
@@ -13,65 +14,92 @@ import sys
 import threading
 import warnings
 from dataclasses import dataclass
+from enum import Enum
 from importlib import resources
 from types import ModuleType
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import wrapt
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
 from . import versions
+from .errors import MlxThreadsafeWarning, TargetMissing
+from .patching.originals import Originals, Replacement
 
 try:  # Python 3.11+
     import tomllib
 except ModuleNotFoundError:  # pragma: no cover - Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]
+    import tomli as tomllib
 
 log = logging.getLogger("mlx_threadsafe")
 
-APPLIED = "applied"
-PENDING = "pending-import"
-SKIPPED = "skipped"
-FAILED = "failed"
-DISABLED = "disabled"
-NOT_INSTALLED = "not-installed"
+class State(str, Enum):
+    """The state of one patch in this process (compares equal to its string value)."""
+
+    APPLIED = "applied"
+    PENDING = "pending-import"
+    SKIPPED = "skipped"
+    FAILED = "failed"
+    DISABLED = "disabled"
+    NOT_INSTALLED = "not-installed"
+
+    def __str__(self) -> str:
+        return self.value
 
 
-class MlxThreadsafeWarning(UserWarning):
-    """Something the shim could not do; filter it like any other warning category."""
-
-
-class TargetMissing(Exception):
-    """Raised by apply() when the release does not have what the patch rewrites.
-
-    The patch is reported `skipped` with this message: the library moved on, the
-    host program is fine.
-    """
-
-
-@dataclass(frozen=True)
 class Patch:
-    """One patch: a target in one module, and apply/revert that undo each other exactly.
+    """The contract every patch keeps (OpenTelemetry's BaseInstrumentor shape).
 
-    `probe(module)` returns why the patch is not needed on a release the compat matrix
-    does not know yet (None: apply it).
+    A patch declares its `id` (``<package module>.<target>.<what>``), the distribution
+    it fixes (`package`, a row family of the compat matrix), the module whose import
+    triggers it (`trigger`), what it rewrites (`target`), the patches it relies on
+    (`requires`) and whether it is only needed where MLX binds streams to threads.
+    `apply(module)` runs `_apply` with the triggering module; everything `_apply`
+    replaces is recorded in `self.originals`, so `revert()` puts the very same
+    objects back, newest first. `_apply` raises TargetMissing when the release lacks
+    the target. `probe(module)` says why the patch is not needed on a release newer
+    than the matrix knows (None: apply it).
     """
 
-    id: str
-    package: str
-    module: str
-    apply: Callable[[ModuleType], None]
-    revert: Callable[[], None]
-    probe: Callable[[ModuleType], Optional[str]] = lambda module: None
-    needs_thread_bound_streams: bool = True
+    def __init__(self, id: str, package: str, trigger: str, target: str, *,
+                 requires: Sequence[str] = (), needs_thread_bound_streams: bool = False) -> None:
+        self.id = id
+        self.package = package
+        self.trigger = trigger
+        self.target = target
+        self.requires = tuple(requires)
+        self.needs_thread_bound_streams = needs_thread_bound_streams
+        self.originals = Originals()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.id}>"
+
+    def probe(self, module: ModuleType) -> Optional[str]:
+        return None
+
+    def apply(self, module: ModuleType) -> None:
+        self._apply(module)
+
+    def revert(self) -> None:
+        self.originals.restore()
+
+    def replacements(self) -> List[Replacement]:
+        """Everything this patch replaced, as recorded (what the contract tests check)."""
+        return list(self.originals.records)
+
+    def _apply(self, module: ModuleType) -> None:
+        raise NotImplementedError
 
 
 @dataclass(frozen=True)
 class PatchStatus:
+    """One row of the status table."""
+
     id: str
-    target: str
-    state: str
+    target: str  # what the patch rewrites
+    trigger: str  # the module whose import applies it
+    state: State
     reason: str = ""
 
 
@@ -95,11 +123,12 @@ class Status:
         raise KeyError(patch_id)
 
     def ids(self, state: str) -> List[str]:
+        """The ids of the patches in `state` (a State or its string value)."""
         return [row.id for row in self.rows if row.state == state]
 
     def __str__(self) -> str:
         header = ("patch", "target", "state", "reason")
-        lines = [(r.id, r.target, r.state, r.reason) for r in self.rows]
+        lines = [(r.id, r.target, str(r.state), r.reason) for r in self.rows]
         widths = [max(len(x[i]) for x in [header] + lines) for i in range(3)]
         out = [
             f"mlx_threadsafe ({'installed' if self.installed else 'not installed'}): "
@@ -107,7 +136,16 @@ class Status:
         ]
         for row in [header] + lines:
             out.append("  ".join(cell.ljust(w) for cell, w in zip(row[:3], widths)) + "  " + row[3])
+        out.append("protection on this platform:")
+        out.extend(f"  {subject}: {what}" for subject, what in self.protection)
         return "\n".join(line.rstrip() for line in out)
+
+    @property
+    def protection(self) -> List[Tuple[str, str]]:
+        """What this platform gets: thread-bound streams, the exit wait, join() semantics, fork."""
+        from .diagnostics import protection
+
+        return protection(self.environment)
 
 
 # ------------------------------------------------------------------ the matrix
@@ -207,6 +245,11 @@ class Registry:
 
     def __init__(self, patches: Sequence[Patch]) -> None:
         self.patches = list(patches)
+        self._by_id = {patch.id: patch for patch in self.patches}
+        for patch in self.patches:
+            missing = [required for required in patch.requires if required not in self._by_id]
+            if missing:
+                raise ValueError(f"{patch.id} requires unknown patch(es) {missing}")
         self._lock = threading.RLock()
         self._installed = False
         self._states: Dict[str, PatchStatus] = {}
@@ -220,17 +263,16 @@ class Registry:
         _configure_logging()
         only_ids = set(only) if only is not None else None
         unknown = (only_ids or set()) | set(exclude or ())
-        known_ids = {p.id for p in self.patches}
-        if unknown - known_ids:
-            raise ValueError(f"unknown patch id(s): {sorted(unknown - known_ids)}; known: {sorted(known_ids)}")
+        if unknown - set(self._by_id):
+            raise ValueError(f"unknown patch id(s): {sorted(unknown - set(self._by_id))}; known: {sorted(self._by_id)}")
         disabled_by_env = set(_env_list("MLX_THREADSAFE_DISABLE"))
         env = versions.detect()
         matrix = load_matrix()
         with self._lock:
             self._installed = True
-            for patch in self.patches:
+            for patch in self.patches:  # a required patch comes before the patches that require it
                 current = self._states.get(patch.id)
-                if current is not None and current.state in (APPLIED, PENDING):
+                if current is not None and current.state in (State.APPLIED, State.PENDING):
                     continue  # idempotent: an applied patch is never applied twice
                 self._states[patch.id] = self._plan(patch, env, matrix, only_ids, set(exclude or ()), disabled_by_env)
             return self.status()
@@ -239,15 +281,12 @@ class Registry:
         with self._lock:
             for patch in reversed(self.patches):
                 row = self._states.get(patch.id)
-                if row is not None and row.state == APPLIED:
-                    try:
-                        patch.revert()
-                        log.debug("reverted %s", patch.id)
-                    except Exception as error:  # noqa: BLE001 - uninstall must finish
-                        self._warn(patch.id, f"mlx_threadsafe: reverting {patch.id} failed: {error!r}")
+                if row is not None and row.state == State.APPLIED and not self._revert(patch):
+                    self._warn(patch.id, f"mlx_threadsafe: reverting {patch.id} failed (see the log)")
             # Pending hooks stay registered with wrapt (it has no unregister) but
             # find no pending row when they fire, which cancels them.
             self._states.clear()
+            self._pending_decisions.clear()
             self._installed = False
             return self.status()
 
@@ -256,39 +295,36 @@ class Registry:
 
     def status(self) -> Status:
         with self._lock:
-            rows = tuple(
-                self._states.get(p.id) or PatchStatus(p.id, p.module, NOT_INSTALLED, "install() not called")
-                for p in self.patches
-            )
+            rows = tuple(self._states.get(p.id) or _row(p, State.NOT_INSTALLED, "install() not called")
+                         for p in self.patches)
             return Status(rows=rows, environment=versions.detect(), installed=self._installed)
 
     # -- planning ------------------------------------------------------
 
     def _plan(self, patch, env, matrix, only_ids, exclude_ids, disabled_by_env) -> PatchStatus:
-        def row(state: str, reason: str) -> PatchStatus:
-            log.debug("%s: %s (%s)", patch.id, state, reason)
-            return PatchStatus(patch.id, patch.module, state, reason)
-
         if "*" in disabled_by_env or patch.id in disabled_by_env:
-            return row(DISABLED, "MLX_THREADSAFE_DISABLE")
+            return _row(patch, State.DISABLED, "MLX_THREADSAFE_DISABLE")
         if only_ids is not None and patch.id not in only_ids:
-            return row(DISABLED, "not in install(only=...)")
+            return _row(patch, State.DISABLED, "not in install(only=...)")
         if patch.id in exclude_ids:
-            return row(DISABLED, "install(exclude=...)")
+            return _row(patch, State.DISABLED, "install(exclude=...)")
         decision = plan(patch, env, matrix)
         if not decision.apply:
-            return row(SKIPPED, decision.reason)
+            return _row(patch, State.SKIPPED, decision.reason)
+        blocked = self._blocked_by_requirement(patch)
+        if blocked:
+            return _row(patch, State.DISABLED, blocked)
         if decision.unknown_release:
             self._warn(
                 f"unknown:{patch.package}",
                 f"mlx_threadsafe: {patch.package} {env.version_of(patch.package)} is newer than the "
                 "compat matrix knows; patches are applied where their feature probes hold",
             )
-        if patch.module in sys.modules:
-            return self._apply(patch, sys.modules[patch.module], decision)
+        if patch.trigger in sys.modules:
+            return self._apply(patch, sys.modules[patch.trigger], decision)
         self._pending_decisions[patch.id] = decision
-        self._hook(patch.module)
-        return row(PENDING, f"applies when {patch.module} is imported")
+        self._hook(patch.trigger)
+        return _row(patch, State.PENDING, f"applies when {patch.trigger} is imported")
 
     def _hook(self, module_name: str) -> None:
         if module_name in self._hooked_modules:
@@ -303,35 +339,64 @@ class Registry:
                 self._hooked_modules.discard(module.__name__)
                 for patch in self.patches:
                     row = self._states.get(patch.id)
-                    if patch.module == module.__name__ and row is not None and row.state == PENDING:
+                    if patch.trigger == module.__name__ and row is not None and row.state == State.PENDING:
                         decision = self._pending_decisions.pop(patch.id)
                         self._states[patch.id] = self._apply(patch, module, decision)
         except Exception:  # noqa: BLE001
             log.exception("post-import hook for %s failed", module.__name__)
 
     def _apply(self, patch: Patch, module: ModuleType, decision: Decision) -> PatchStatus:
+        blocked = self._blocked_by_requirement(patch)
+        if blocked:
+            return _row(patch, State.DISABLED, blocked)
         try:
             if decision.unknown_release:
                 not_needed = patch.probe(module)
                 if not_needed:
-                    return PatchStatus(patch.id, patch.module, SKIPPED, not_needed)
+                    return _row(patch, State.SKIPPED, not_needed)
             patch.apply(module)
         except TargetMissing as missing:
-            patch.revert()
-            return PatchStatus(patch.id, patch.module, SKIPPED, f"target moved: {missing}")
+            if not self._revert(patch):
+                return _row(patch, State.FAILED, f"target moved ({missing}) and the partial apply did not revert")
+            return _row(patch, State.SKIPPED, f"target moved: {missing}")
         except Exception as error:  # noqa: BLE001 - one broken patch never breaks the host
-            try:
-                patch.revert()
-            except Exception:  # noqa: BLE001
-                log.exception("revert after a failed apply of %s", patch.id)
+            self._revert(patch)
             self._warn(patch.id, f"mlx_threadsafe: patch {patch.id} failed and was not applied: {error!r}")
             log.debug("apply of %s failed", patch.id, exc_info=True)
-            return PatchStatus(patch.id, patch.module, FAILED, repr(error))
+            return _row(patch, State.FAILED, repr(error))
         log.debug("applied %s", patch.id)
-        return PatchStatus(patch.id, patch.module, APPLIED, decision.reason)
+        return _row(patch, State.APPLIED, decision.reason)
+
+    def _blocked_by_requirement(self, patch: Patch) -> Optional[str]:
+        """Why `patch` cannot apply: a patch it requires was disabled or failed.
+
+        A requirement skipped as not needed here (the matrix, the backend) leaves the
+        dependent on: what it needs the requirement for is not needed here either.
+        """
+        for required in patch.requires:
+            row = self._states.get(required)
+            if row is None or row.state in (State.DISABLED, State.FAILED, State.NOT_INSTALLED):
+                why = f"{row.state}: {row.reason}" if row is not None else "not planned"
+                return f"requires {required}, which is {why}"
+        return None
+
+    def _revert(self, patch: Patch) -> bool:
+        """Revert `patch`; False (logged) if its revert raised."""
+        try:
+            patch.revert()
+            log.debug("reverted %s", patch.id)
+            return True
+        except Exception:  # noqa: BLE001 - a revert never breaks the host either
+            log.exception("reverting %s failed", patch.id)
+            return False
 
     def _warn(self, key: str, message: str) -> None:
         log.info(message)
         if key not in self._warned:
             self._warned.add(key)
             warnings.warn(message, MlxThreadsafeWarning, stacklevel=4)
+
+
+def _row(patch: Patch, state: State, reason: str) -> PatchStatus:
+    log.debug("%s: %s (%s)", patch.id, state, reason)
+    return PatchStatus(patch.id, patch.target, patch.trigger, state, reason)

@@ -129,12 +129,27 @@ def adopt_current_thread() -> None:
     if getattr(_local, "end", None) is not None:
         return
     thread = threading.current_thread()
+    _note_first_use()
     if thread is threading.main_thread():
         _local.end = False  # the main thread ends with the interpreter, not here
         return
     _local.end = _ThreadEnd(thread.name)
     if rng_enabled and not getattr(_local, "seeded", False):
         seed_current_thread(thread.name)
+
+
+def _note_first_use() -> None:
+    # Which thread owns its default stream (for the errors that name threads), and
+    # that a fork from here on leaves a child that cannot run MLX.
+    from . import diagnostics
+
+    diagnostics.mark_mlx_used()
+    try:
+        import mlx.core as mx
+
+        diagnostics.record_stream(mx.default_stream(mx.default_device()))
+    except Exception:  # noqa: BLE001 - diagnostics never break the adoption
+        pass
 
 
 def at_thread_end(step: Callable[[], None]) -> bool:

@@ -42,7 +42,7 @@ LM_ARCHS: Dict[str, Dict[str, Any]] = {
                   max_position_embeddings=512),
 }
 
-LORA_CONFIG = {"fine_tune_type": "lora", "num_layers": 2,
+LORA_CONFIG: Dict[str, Any] = {"fine_tune_type": "lora", "num_layers": 2,
                "lora_parameters": {"rank": 4, "scale": 10.0, "dropout": 0.0}}
 
 PROMPT = "w1 w2 w3 w4"
@@ -234,10 +234,10 @@ def _save_gemma3_processor(directory: Path) -> None:
         "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}"
         " <end_of_turn> {% endfor %}<start_of_turn> ")
     fast.save_pretrained(str(directory))
-    try:  # the PIL image processor needs no torch; its name changed across transformers releases
-        from transformers import Gemma3ImageProcessorPil as ImageProcessor
-    except ImportError:
-        from transformers import Gemma3ImageProcessor as ImageProcessor
+    import transformers
+
+    # the PIL image processor needs no torch; its name changed across transformers releases
+    ImageProcessor = getattr(transformers, "Gemma3ImageProcessorPil", None) or transformers.Gemma3ImageProcessor
     ImageProcessor(size={"height": 56, "width": 56}).save_pretrained(str(directory))
     (directory / "processor_config.json").write_text(
         json.dumps({"processor_class": "Gemma3Processor", "image_seq_length": 4}))

@@ -13,6 +13,7 @@ import atexit
 import concurrent.futures
 import itertools
 import logging
+import os
 import queue
 import threading
 import warnings
@@ -20,23 +21,15 @@ import weakref
 from concurrent.futures import Future
 from typing import Any, Callable, List, Optional
 
-from . import streams
+from . import diagnostics, streams
+from .errors import MlxThreadsafeWarning, WorkerClosed, WorkerQueueFull
 from .materialize import hand_over
-from .registry import MlxThreadsafeWarning
 
 log = logging.getLogger("mlx_threadsafe")
 
 DEFAULT_QUEUE_LIMIT = 8192
 _names = itertools.count()
 _STOP = object()
-
-
-class WorkerClosed(RuntimeError):
-    """The worker was closed: queued work was cancelled, new work is refused."""
-
-
-class WorkerQueueFull(RuntimeError):
-    """The worker's queue is at its limit: back-pressure, try again later."""
 
 
 def _describe(fn: Callable) -> str:
@@ -61,6 +54,7 @@ class _Core:
         self.taken = 0
         self.lock = threading.Lock()
         self.closed = False
+        self.forked = False  # this is a forked child's copy: its thread did not come along
         self.started = threading.Event()
         self.stream: Any = None
         self.start_error: Optional[BaseException] = None
@@ -86,7 +80,7 @@ class _Core:
                 # another thread, which could not evaluate it.
                 result = hand_over(fn(*args, **kwargs))
             except BaseException as error:  # noqa: BLE001 - handed to the caller
-                future.set_exception(error)
+                future.set_exception(diagnostics.explain(error))
             else:
                 future.set_result(result)
             del item, future, fn, args, kwargs  # drop references to the work while idle
@@ -101,6 +95,8 @@ class _Core:
     def submit(self, fn: Callable, args, kwargs) -> Future:
         future: Future = Future()
         with self.lock:
+            if self.forked:
+                raise diagnostics.fork_error(f"worker {self.name!r} cannot run {_describe(fn)}")
             if self.closed:
                 raise WorkerClosed(f"worker {self.name!r} is closed; cannot run {_describe(fn)}")
             if self.submitted - self.taken >= self.queue_limit:
@@ -182,7 +178,7 @@ class Worker:
         # Stop the thread when the Worker is collected without close().
         self._finalizer = weakref.finalize(self, self._core.stop)
         _running_cores.add(self._core)
-        _workers_by_thread[thread.ident] = self
+        _workers_by_thread[thread.ident] = self  # type: ignore[index]  # started: ident is set
 
     # -- monitoring ------------------------------------------------------
 
@@ -309,6 +305,19 @@ def _stop_workers_and_wait_for_mlx_threads() -> None:
     # join() returns before OS threads have run MLX's C++ destructors: wait for these
     # and for every other MLX thread that ended (mlx.thread_cleanup records them).
     streams.wait_for_ended_threads()
+
+
+def _workers_stay_with_the_parent() -> None:
+    # In a forked child no worker thread exists: refuse work at once instead of queueing
+    # it for a thread that will never take it (the caller would wait forever).
+    for core in list(_running_cores):
+        core.forked = True
+        core.closed = True
+        core.lock = threading.Lock()  # the parent's lock may have been held at the fork
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_workers_stay_with_the_parent)
 
 
 # Thread ident -> every live Worker, to find the worker that owns the calling thread.

@@ -6,9 +6,9 @@ import subprocess
 import sys
 
 import pytest
+from helpers import ROOT
 
 from compat_matrix import verify
-from conftest import ROOT
 
 
 def _matrix_text():

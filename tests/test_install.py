@@ -4,7 +4,7 @@ Each test runs in a fresh interpreter: patches change global state (ddtrace's
 PatchTestCase does the same).
 """
 
-from conftest import run_json, run_python
+from helpers import run_json, run_python
 
 ORIGINALS = """
 import importlib, mlx.core as mx, mlx_lm
@@ -27,7 +27,8 @@ def test_importing_the_package_patches_nothing_and_imports_no_mlx():
     out = run_json("""
         import json, sys
         import mlx_threadsafe
-        print(json.dumps([mlx_threadsafe.is_installed(), sorted(m for m in sys.modules if m.split('.')[0] in ('mlx', 'mlx_lm', 'mlx_vlm'))]))
+        mlx_modules = sorted(m for m in sys.modules if m.split('.')[0] in ('mlx', 'mlx_lm', 'mlx_vlm'))
+        print(json.dumps([mlx_threadsafe.is_installed(), mlx_modules]))
     """)
     assert out == [False, []]
 
@@ -67,7 +68,8 @@ def test_install_twice_is_idempotent():
         mlx_threadsafe.install()
         first = mlx_lm.load
         second_status = mlx_threadsafe.install()
-        print(json.dumps([mlx_lm.load is first, type(mlx_lm.load.__wrapped__).__name__, str(second_status) == str(mlx_threadsafe.status())]))
+        same_status = str(second_status) == str(mlx_threadsafe.status())
+        print(json.dumps([mlx_lm.load is first, type(mlx_lm.load.__wrapped__).__name__, same_status]))
     """)
     assert out == [True, "function", True]
 
@@ -106,7 +108,8 @@ def test_uninstall_before_import_cancels_pending_hooks():
         import json, mlx_threadsafe
         mlx_threadsafe.install(); mlx_threadsafe.uninstall()
         import mlx_lm, mlx.core as mx
-        print(json.dumps([type(mlx_lm.load).__name__, type(mx.eval).__name__, [r.state for r in mlx_threadsafe.status()]]))
+        states = [r.state for r in mlx_threadsafe.status()]
+        print(json.dumps([type(mlx_lm.load).__name__, type(mx.eval).__name__, states]))
     """)
     load_type, eval_type, states = out
     assert load_type == "function" and eval_type != "FunctionWrapper"
@@ -210,11 +213,10 @@ print(json.dumps([s["mlx_lm.load.materialize"].__dict__, s["mlx_lm.generation_st
 def test_a_patch_that_breaks_is_reported_failed_and_the_host_keeps_running():
     done = run_python("""
 import json, warnings, mlx_threadsafe
-from mlx_threadsafe.patches import mlx_lm_load
+from mlx_threadsafe.patches import by_id
 def broken(package):
     raise ZeroDivisionError("boom")
-mlx_lm_load.PATCH.__dict__  # frozen dataclass: swap the function it calls instead
-mlx_lm_load._load.apply = broken
+by_id("mlx_lm.load.materialize")._apply = broken
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     mlx_threadsafe.install()

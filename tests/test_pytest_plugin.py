@@ -3,7 +3,7 @@
 import os
 import sys
 
-from conftest import ROOT
+from helpers import ROOT
 
 GENERATE_ON_WORKER = """
     import pytest

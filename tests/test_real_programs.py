@@ -6,8 +6,7 @@ Then the class of bugs the shim now fixes for any module: a stream made at impor
 """
 
 import pytest
-
-from conftest import run_json
+from helpers import run_json
 
 SHIM = "\n    import mlx_threadsafe; mlx_threadsafe.install()"
 

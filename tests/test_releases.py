@@ -6,10 +6,10 @@ thread, so every off-thread generation fails without the shim.
 """
 
 import pytest
-
-from conftest import assert_fixed_by_shim, failure_without_shim, run_json
-from mlx_threadsafe.scenarios import run_in_subprocess
+from helpers import assert_fixed_by_shim, failure_without_shim, run_json
 from releases import release_python
+
+from mlx_threadsafe.scenarios import run_in_subprocess
 
 MODULE_STREAM_RELEASES = [
     pytest.param("mlx-lm==0.28.4", marks=pytest.mark.release),
@@ -33,7 +33,8 @@ def test_thread_local_releases_pass_with_the_shim(release, name):
     assert outcome.ok, outcome.detail
 
 
-BATCH_SCENARIOS = ["batch_generator_handoff", "batch_generator_shared_by_2_threads", "batch_generator_shared_by_8_threads"]
+BATCH_SCENARIOS = ["batch_generator_handoff", "batch_generator_shared_by_2_threads",
+                   "batch_generator_shared_by_8_threads"]
 
 
 @pytest.mark.parametrize("release", THREAD_LOCAL_RELEASES)

@@ -3,7 +3,7 @@
 import os
 import sys
 
-from conftest import ROOT, run_python
+from helpers import ROOT, run_python
 
 CHECK = "import mlx_threadsafe, sys; print(mlx_threadsafe.is_installed(), 'mlx.core' in sys.modules)"
 

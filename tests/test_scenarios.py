@@ -1,8 +1,8 @@
 """Each cross-thread failure on real MLX (CPU, mlx >= 0.32): fails without the shim, passes with it."""
 
 import pytest
+from helpers import failure_without_shim, run_json
 
-from conftest import failure_without_shim, run_json
 from mlx_threadsafe.scenarios import run_in_subprocess
 
 FAIL_WITHOUT_SHIM = [

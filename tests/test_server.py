@@ -2,14 +2,13 @@
 
 Each soak is a real `mlx_lm.server` process on 127.0.0.1 with a tiny offline model:
 16 concurrent clients (chat and text completions, streaming and not), 4 more that hang
-up mid-stream, then SIGINT. See mlx_threadsafe/soak.py for what is counted.
+up mid-stream, then SIGINT. See tests/soak.py for what is counted.
 """
 
 import pytest
-
-from conftest import run_python
-from mlx_threadsafe.soak import soak
+from helpers import run_python
 from releases import release_python
+from soak import soak
 
 RELEASES = ["0.30.7", "0.31.1", "0.31.3", "0.32.2"]
 FAILING_WITHOUT_SHIM = ["0.30.7", "0.31.1"]  # module stream made on the importing thread
@@ -71,5 +70,5 @@ def test_vlm_server_without_the_shim_aborts_at_shutdown():
         if results[-1].exit_code != 0:
             break
     assert results[-1].answered == 4, results[-1].summary()
-    assert results[-1].exit_code != 0 and any("terminate called" in l for l in results[-1].bad_stderr), \
+    assert results[-1].exit_code != 0 and any("terminate called" in line for line in results[-1].bad_stderr), \
         [r.summary() for r in results]

@@ -3,8 +3,7 @@
 import os
 
 import pytest
-
-from conftest import run_json
+from helpers import run_json
 
 EXIT_SCRIPT = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "exit_script.py")).read()
 
@@ -13,7 +12,7 @@ def exit_codes(shim: bool, runs: int):
     import subprocess
     import sys
 
-    from conftest import ROOT
+    from helpers import ROOT
 
     codes = []
     for _ in range(runs):
@@ -79,7 +78,7 @@ def test_a_thread_whose_os_teardown_outlives_join_does_not_abort_the_exit(mlx_ve
     import subprocess
     import sys
 
-    from conftest import ROOT
+    from helpers import ROOT
     from releases import release_python
 
     python = sys.executable if mlx_version == "installed" else release_python("mlx-lm==0.26.4", mlx=mlx_version)

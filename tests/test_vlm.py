@@ -5,10 +5,10 @@ install mlx-vlm itself.
 """
 
 import pytest
-
-from conftest import assert_fixed_by_shim, failure_without_shim, run_json
-from mlx_threadsafe.scenarios import run_batch, run_in_subprocess
+from helpers import assert_fixed_by_shim, failure_without_shim, run_json
 from releases import release_python
+
+from mlx_threadsafe.scenarios import run_batch, run_in_subprocess
 
 # Fail without the shim on mlx-vlm 0.7.10 and pass with it.
 FIXED_ON_NEWEST = [
@@ -20,7 +20,8 @@ FIXED_ON_NEWEST = [
     "vlm_qwen2_vl_raw_forwards_prefill_then_decode_elsewhere",
 ]
 # Pass either way on 0.7.10 (kept green with the shim's wrappers in the path).
-WORK_WITH_SHIM = ["vlm_generate_on_worker", "vlm_qwen2_vl_forward_on_worker", "vlm_qwen2_vl_prefill_then_decode_elsewhere"]
+WORK_WITH_SHIM = ["vlm_generate_on_worker", "vlm_qwen2_vl_forward_on_worker",
+                  "vlm_qwen2_vl_prefill_then_decode_elsewhere"]
 
 
 def newest():
@@ -90,7 +91,8 @@ def test_models_without_request_state_pass_straight_through():
 def test_mlx_vlm_0_4_4_generates_on_a_worker_with_the_shim():
     # mlx-vlm 0.4.4 makes its generation stream at import (mlx-vlm #1049, #1134).
     python = release_python("mlx-vlm==0.4.4", extra=())
-    names = ["vlm_generate_on_worker", "vlm_qwen2_vl_forward_on_worker", "vlm_qwen2_vl_concurrent_requests_match_serial"]
+    names = ["vlm_generate_on_worker", "vlm_qwen2_vl_forward_on_worker",
+             "vlm_qwen2_vl_concurrent_requests_match_serial"]
     without = run_batch(names, shim=False, python=python)
     assert "There is no Stream(cpu, 0) in current thread" in without["vlm_generate_on_worker"].detail
     assert all(not o.ok for o in without.values()), {n: o.detail for n, o in without.items()}
@@ -129,7 +131,7 @@ def test_uninstall_restores_the_forward_of_classes_that_hold_request_state():
     out = run_json("""
         import json
         import mlx_threadsafe
-        from mlx_threadsafe import scenarios
+        from mlx_threadsafe.scenarios import vlm as scenarios
         model, _ = scenarios._qwen2_vl_requests()  # imports the model classes, unpatched
         holder = type(model.language_model)
         original = holder.__dict__.get("__call__")
@@ -140,3 +142,16 @@ def test_uninstall_restores_the_forward_of_classes_that_hold_request_state():
         print(json.dumps([wrapped, holder.__dict__.get("__call__") is original]))
     """, python=newest())
     assert out == ["FunctionWrapper", True]
+
+
+def test_excluding_a_required_patch_disables_the_patch_that_requires_it():
+    out = run_json("""
+        import json
+        import mlx_threadsafe
+        status = mlx_threadsafe.install(exclude=["mlx_vlm.load.materialize"])
+        row = status["mlx_vlm.generate_step.request_state"]
+        print(json.dumps([str(row.state), row.reason]))
+    """, python=newest())
+    state, reason = out
+    assert state == "disabled"
+    assert reason == "requires mlx_vlm.load.materialize, which is disabled: install(exclude=...)"

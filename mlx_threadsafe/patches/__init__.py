@@ -1,37 +1,67 @@
-"""One module per patched target; ALL is the order install() applies them in."""
+"""Every patch, one module per patch id: ``patches/<package>/<target>_<what>.py``.
 
-from . import (
-    mlx_compile_random_state,
-    mlx_lm_batch_generator_close_guard,
-    mlx_lm_batch_generator_owner,
-    mlx_lm_detokenizer,
-    mlx_lm_generation_stream,
-    mlx_lm_load,
-    mlx_module_streams,
-    mlx_thread_cleanup,
-    mlx_thread_rng,
-    mlx_vlm_batch_generator_close_guard,
-    mlx_vlm_batch_generator_owner,
-    mlx_vlm_generation_stream,
-    mlx_vlm_load,
-    mlx_vlm_request_state,
-    mlx_vlm_server_generation,
+``mlx.thread_rng`` lives in ``patches/mlx/thread_rng.py``, ``mlx_lm.load.materialize``
+in ``patches/mlx_lm/load_materialize.py``. Each module declares one ``PATCH`` (a
+`mlx_threadsafe.registry.Patch`); the kinds of patch several targets share are in
+``patches/common/``. ALL is the order install() plans them in: a patch comes after
+every patch it requires.
+"""
+
+from .mlx import compile_random_state, module_streams, thread_cleanup, thread_rng
+from .mlx_lm import (
+    batch_generator_close_guard as lm_batch_generator_close_guard,
+)
+from .mlx_lm import (
+    batch_generator_owner as lm_batch_generator_owner,
+)
+from .mlx_lm import (
+    generation_stream as lm_generation_stream,
+)
+from .mlx_lm import (
+    load_materialize as lm_load_materialize,
+)
+from .mlx_lm import (
+    tokenizer_wrapper_detokenizer,
+)
+from .mlx_vlm import (
+    batch_generator_close_guard as vlm_batch_generator_close_guard,
+)
+from .mlx_vlm import (
+    batch_generator_owner as vlm_batch_generator_owner,
+)
+from .mlx_vlm import (
+    generate_step_request_state,
+    server_stop_at_exit,
+)
+from .mlx_vlm import (
+    generation_stream as vlm_generation_stream,
+)
+from .mlx_vlm import (
+    load_materialize as vlm_load_materialize,
 )
 
 ALL = [
-    mlx_thread_cleanup.PATCH,
-    mlx_thread_rng.PATCH,
-    mlx_compile_random_state.PATCH,
-    mlx_module_streams.PATCH,
-    mlx_lm_generation_stream.PATCH,
-    mlx_lm_load.PATCH,
-    mlx_lm_detokenizer.PATCH,
-    mlx_lm_batch_generator_owner.PATCH,
-    mlx_lm_batch_generator_close_guard.PATCH,
-    mlx_vlm_generation_stream.PATCH,
-    mlx_vlm_load.PATCH,
-    mlx_vlm_batch_generator_owner.PATCH,
-    mlx_vlm_batch_generator_close_guard.PATCH,
-    mlx_vlm_request_state.PATCH,
-    mlx_vlm_server_generation.PATCH,
+    thread_cleanup.PATCH,
+    thread_rng.PATCH,
+    compile_random_state.PATCH,
+    module_streams.PATCH,
+    lm_generation_stream.PATCH,
+    lm_load_materialize.PATCH,
+    tokenizer_wrapper_detokenizer.PATCH,
+    lm_batch_generator_owner.PATCH,
+    lm_batch_generator_close_guard.PATCH,
+    vlm_generation_stream.PATCH,
+    vlm_load_materialize.PATCH,
+    vlm_batch_generator_owner.PATCH,
+    vlm_batch_generator_close_guard.PATCH,
+    generate_step_request_state.PATCH,
+    server_stop_at_exit.PATCH,
 ]
+
+
+def by_id(patch_id: str):
+    """The patch with this id; KeyError names the known ids."""
+    for patch in ALL:
+        if patch.id == patch_id:
+            return patch
+    raise KeyError(f"no patch {patch_id!r}; known: {', '.join(p.id for p in ALL)}")

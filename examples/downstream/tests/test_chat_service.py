@@ -1,7 +1,6 @@
 import asyncio
 
 import pytest
-
 from chat_service import ChatService
 
 PROMPTS = [f"w{i} w{i + 1} w{i + 2}" for i in range(3, 11)]

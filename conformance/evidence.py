@@ -1,0 +1,172 @@
+"""The committed evidence (results/evidence.json), its check, and the RESULTS.md table."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from typing import Any, Dict, List, Tuple
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+EVIDENCE = os.path.join(HERE, "results", "evidence.json")
+RESULTS_MD = os.path.join(HERE, "RESULTS.md")
+SHIM_SIDES = ("run", "env")
+
+
+def load(path: str = EVIDENCE) -> Dict[str, Dict[str, Any]]:
+    if not os.path.exists(path):
+        return {}
+    with open(path) as source:
+        return json.load(source)["records"]
+
+
+def save(records: Dict[str, Dict[str, Any]], path: str = EVIDENCE) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    scratch = path + ".tmp"
+    with open(scratch, "w") as out:
+        json.dump({"about": "python -m conformance run: third-party servers and upstream test suites, "
+                            "without and with mlx_threadsafe; see conformance/README.md",
+                   "records": dict(sorted(records.items()))}, out, indent=1, sort_keys=False)
+        out.write("\n")
+    os.replace(scratch, path)
+
+
+def check(records: Dict[str, Dict[str, Any]]) -> Tuple[List[str], List[str]]:
+    """(problems, notes): a server check that fails with the shim, or an upstream test that
+    passes without the shim and fails with it, is a problem; what cannot run is a note."""
+    problems: List[str] = []
+    notes: List[str] = []
+    for key, record in sorted(records.items()):
+        if record.get("status") == "cannot-run":
+            notes.append(f"{key}: cannot run: {record.get('reason', '')[:200]}")
+            continue
+        if record["kind"] == "server" and record["side"] in SHIM_SIDES and not record.get("ok"):
+            from .servers import summary
+
+            problems.append(f"{key}: fails with the shim: {summary(record)}")
+        if record["kind"] == "suite":
+            for test in record.get("regressions", []):
+                problems.append(f"{key}: {test['id']} passes without the shim and fails with it: "
+                                f"{test.get('message', '')[:200]}")
+    return problems, notes
+
+
+# ------------------------------------------------------------------ the table
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _server_rows(records: Dict[str, Dict[str, Any]]) -> List[str]:
+    from .servers import summary
+
+    groups: Dict[Tuple[str, str, str, str], Dict[str, Dict[str, Any]]] = defaultdict(dict)
+    for record in records.values():
+        if record["kind"] == "server":
+            groups[(record["target"], record["version"], record["mode"], record["model"])][record["side"]] = record
+    rows = []
+    for (target, version, mode, model), sides in sorted(groups.items()):
+        def cell(side: str, sides: Dict[str, Dict[str, Any]] = sides) -> str:
+            record = sides.get(side)
+            if record is None:
+                return "not run"
+            if record.get("status") == "cannot-run":
+                return f"cannot run: {record.get('reason', '')[:120]}"
+            mark = "**pass**" if record.get("ok") else "**FAIL**"
+            return f"{mark}: {summary(record)}"
+        without = sides.get("none")
+        if without is None:
+            fails_without = "not run"
+        elif without.get("status") == "cannot-run":
+            fails_without = f"cannot run: {without.get('reason', '')[:120]}"
+        elif without.get("ok"):
+            fails_without = f"nothing ({summary(without)})"
+        else:
+            fails_without = summary(without)
+        shim = "<br>".join(f"`{side}`: {cell(side)}" for side in SHIM_SIDES)
+        rows.append(f"| {target} | {version} | {mode}, {model} | {_cell(fails_without)} | {_cell(shim)} |")
+    return rows
+
+
+def _suite_rows(records: Dict[str, Dict[str, Any]]) -> List[str]:
+    rows = []
+    for _key, record in sorted(records.items()):
+        if record["kind"] != "suite":
+            continue
+        if record.get("status") == "cannot-run":
+            rows.append(f"| {record['target']} tests | {record['version']} | {record.get('selection', 'all')} | "
+                        f"cannot run: {record.get('reason', '')[:200]} | - |")
+            continue
+        none, env = record["sides"]["none"], record["sides"]["env"]
+        fixed = record.get("fixed", [])
+        fails_without = (f"{none['failed']} failed, {none['passed']} passed, {none['skipped']} skipped"
+                         + (f", {len(record['not_runnable'])} not runnable offline (both sides)"
+                            if record.get("not_runnable") else ""))
+        if fixed:
+            fails_without += f"; fixed by the shim: {', '.join(t['id'] for t in fixed[:5])}"
+        regressions = record.get("regressions", [])
+        mark = "**pass**" if not regressions else f"**FAIL**: {len(regressions)} regressions"
+        with_shim = (f"{mark}: {env['failed']} failed, {env['passed']} passed, {env['skipped']} skipped"
+                     + (f" ({', '.join(t['id'] for t in regressions[:3])})" if regressions else ""))
+        rows.append(f"| {record['target']} tests | {record['version']} | {record.get('selection', 'all')} | "
+                    f"{fails_without} | {with_shim} |")
+    return rows
+
+
+def table(records: Dict[str, Dict[str, Any]]) -> str:
+    problems, notes = check(records)
+    dates = sorted({r.get("when", "") for r in records.values() if r.get("when")})
+    lines = [
+        "# Verified with",
+        "",
+        "Generated by `python -m conformance table` from `results/evidence.json` "
+        f"(runs of {', '.join(dates) or 'nothing yet'}); do not edit by hand.",
+        "",
+        "Servers: 9 concurrent chat completions (streaming and not, temperature 0) compared with the "
+        "same server instance answering the same prompts one at a time, then one conversation sent twice "
+        "(cached = prompt tokens the server reports reusing on the second send). With the shim means "
+        "`mlx-threadsafe run -- CMD` (`run`) and `MLX_THREADSAFE=1 CMD` (`env`). Upstream suites: the "
+        "release's own tests, offline, without and with `MLX_THREADSAFE=1`.",
+        "",
+        "| server / suite | version | mode, model / selection | without the shim | with the shim |",
+        "|---|---|---|---|---|",
+        *_server_rows(records),
+        *_suite_rows(records),
+        "",
+        f"`python -m conformance check`: {'passes' if not problems else f'{len(problems)} problems'}.",
+    ]
+    if problems:
+        lines += ["", "## Problems", ""] + [f"- {p}" for p in problems]
+    if notes:
+        lines += ["", "## Not run, with the reason", ""] + [f"- {n}" for n in notes]
+    suites = [r for r in records.values() if r["kind"] == "suite" and r.get("status") != "cannot-run"]
+    if any(r.get("not_runnable") for r in suites):
+        lines += ["", "## Upstream tests not runnable offline (the same on both sides)", ""]
+        for record in suites:
+            if record.get("not_runnable"):
+                lines.append(f"- {record['target']} {record['version']}: "
+                             + ", ".join(record["not_runnable"][:40])
+                             + (f", and {len(record['not_runnable']) - 40} more"
+                                if len(record["not_runnable"]) > 40 else ""))
+    return "\n".join(lines) + "\n"
+
+
+README_MARKERS = ("<!-- verified-with:start -->", "<!-- verified-with:end -->")
+
+
+def readme_table(records: Dict[str, Dict[str, Any]]) -> str:
+    """The README's "Verified with" table: the rows of RESULTS.md, without the long lists."""
+    return "\n".join([
+        "| server / suite | version | mode, model / selection | without the shim | with the shim |",
+        "|---|---|---|---|---|",
+        *_server_rows(records),
+        *_suite_rows(records),
+    ])
+
+
+def write_table(records: Dict[str, Dict[str, Any]], path: str = RESULTS_MD) -> None:
+    from compat_matrix.table import write_readme_block
+
+    with open(path, "w") as out:
+        out.write(table(records))
+    write_readme_block(README_MARKERS, readme_table(records))

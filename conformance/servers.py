@@ -1,0 +1,506 @@
+"""Third-party OpenAI-compatible servers on a tiny offline model, without and with the shim.
+
+Each check starts the server (one side: `none` = no shim, `run` = under
+`mlx-threadsafe run --`, `env` = `MLX_THREADSAFE=1`), waits for it (bounded), then:
+
+1. sends 9 chat completions at once (streaming and not, temperature 0);
+2. sends the same 9 prompts again one at a time, to the same server instance: that is
+   the reference each concurrent answer must equal. Why not mlx-lm's own `generate()`?
+   A server applies its own chat template, stop rules, token limits and detokenizer,
+   so its serial answer can differ from mlx-lm's for reasons that have nothing to do
+   with threads; the same instance answering serially differs from its concurrent
+   answers only by the concurrency the shim is about. (The serial pass runs second so
+   that the concurrent burst meets a cold prompt cache, the path that batches prefills;
+   the serial answers may then come from the cache, which must not change them either.)
+3. sends one ~40-token conversation twice and reads the prompt tokens the server reused
+   on the second send: `usage.prompt_tokens_details.cached_tokens` where the server
+   reports it (mlx-openai-server), else the growth of `/v1/cache/stats` counters
+   (vllm-mlx: `tokens_saved`, `hits`);
+4. stops the server (SIGINT, then SIGKILL of its process group) and scans its output for
+   `There is no Stream`, `terminate called`, tracebacks and the servers' own
+   "... failed" warnings.
+
+Every request has a timeout, and the process group is killed whatever happens.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from . import venvs
+
+PORTS = range(18700, 18800)
+CONCURRENT = 9
+MAX_TOKENS = 12
+READY_TIMEOUT = 300.0
+REQUEST_TIMEOUT = 120.0
+SIDES = ("none", "run", "env")
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+SHIM_APPLIED = re.compile(r"^mlx_threadsafe: applied (\S+)")
+LOG_REUSED = re.compile(r"cache HIT.*reusing (\d+) tokens")
+LOGS = os.path.join(venvs.CONFORMANCE_VENVS, "logs")
+MODELS = ("llama", "llama3rope")  # mlx_threadsafe.testing.LM_ARCHS; llama3rope keeps a lazy rope `_freqs`
+
+BAD_MARKS = ("There is no Stream", "terminate called", "Traceback (most recent call last)",
+             "Segmentation fault", "Fatal Python error", "insert_cache failed", "core dumped")
+
+
+@dataclass
+class Server:
+    name: str
+    version: str
+    requirements: List[str]
+    overrides: List[str]
+    cpu_torch: bool
+    command: Callable[[str, str, int], List[str]]  # (venv bin dir, model dir, port) -> argv
+    modes: Dict[str, List[str]]
+    note: str = ""
+    conversation_words: int = 40
+    # Modes that serve one request at a time by design and answer the others HTTP 503
+    # "busy, retry later": the check retries those (bounded) and streams nothing there,
+    # as the busy signal reaches a stream only as an opaque error frame.
+    serialized_modes: Tuple[str, ...] = ()
+    stream_conversation_modes: Tuple[str, ...] = ()  # modes whose prompt cache only streaming requests use
+    packages: List[str] = field(default_factory=lambda: ["mlx", "mlx-lm", "mlx-vlm", "transformers", "torch"])
+
+    @property
+    def venv(self) -> str:
+        return f"{self.name}-{self.version}"
+
+
+SERVERS: Dict[str, Server] = {
+    "mlx-openai-server": Server(
+        name="mlx-openai-server", version="1.8.1",
+        requirements=["mlx-openai-server==1.8.1"],
+        # mflux's Linux wheels pin mlx < 0.32; torchvision serves only image models.
+        overrides=["mflux" + venvs.NEVER, "torchvision" + venvs.NEVER],
+        cpu_torch=True,  # outlines-core imports torch at import time, also for --model-type lm
+        command=lambda bin_dir, model, port: [os.path.join(bin_dir, "mlx-openai-server"), "launch",
+                                              "--model-path", model, "--model-type", "lm",
+                                              "--host", "127.0.0.1", "--port", str(port)],
+        modes={"default": []},
+        note="mflux and torchvision left out (uv override); torch: the local CPU wheel when there is one",
+    ),
+    "vllm-mlx": Server(
+        name="vllm-mlx", version="0.6.0",
+        requirements=["vllm-mlx==0.6.0"],
+        overrides=["torchvision" + venvs.NEVER],  # image models only; it would pull CUDA torch
+        cpu_torch=True,
+        command=lambda bin_dir, model, port: [os.path.join(bin_dir, "vllm-mlx"), "serve", model,
+                                              "--host", "127.0.0.1", "--port", str(port),
+                                              "--served-model-name", "tiny", "--offline"],
+        modes={"continuous-batching": ["--continuous-batching"], "default": []},
+        note="torchvision left out (uv override)",
+        serialized_modes=("default",),  # SimpleEngine: 503 text_generation_busy while one runs
+        stream_conversation_modes=("default",),  # SimpleEngine's system-prompt KV cache: stream_chat only
+        conversation_words=160,  # its memory-aware prefix cache keeps prefixes of >= 128 tokens only
+    ),
+}
+
+# Word-level tokenizer of the tiny models: words w0 .. w295.
+PROMPTS = [f"w{5 + 3 * i} w{7 + i} w9 w{11 + 2 * i}" for i in range(CONCURRENT)]
+
+
+def conversation(words: int):
+    """A four-message conversation of about `words` prompt tokens (the tiny chat template joins contents)."""
+    sizes = [words // 2, words // 4, words // 8]
+    sizes.append(words - sum(sizes))
+    roles = ["system", "user", "assistant", "user"]
+    out, start = [], 10
+    for role, size in zip(roles, sizes):
+        out.append({"role": role, "content": " ".join(f"w{start + i}" for i in range(size))})
+        start += size
+    return out
+
+
+def free_port() -> int:
+    """A free port in 18700-18799, tried in random order (other harnesses may use the range too)."""
+    import random
+
+    for port in random.sample(list(PORTS), len(PORTS)):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 18700-18799")
+
+
+def _request(port: int, method: str, path: str, body: Optional[Dict[str, Any]] = None,
+             timeout: float = REQUEST_TIMEOUT) -> Tuple[int, bytes]:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        payload = json.dumps(body) if body is not None else None
+        connection.request(method, path, payload, {"Content-Type": "application/json"} if payload else {})
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+BUSY_RETRIES = 240
+
+
+def _chat(port: int, model: str, messages: List[Dict[str, str]], stream: bool,
+          busy: Optional[List[int]] = None) -> Dict[str, Any]:
+    """One chat completion: {'text', 'usage'}; raises with what went wrong.
+
+    With `busy` (a list to count into), an HTTP 503 whose body says the server is busy is
+    retried after a pause, at most BUSY_RETRIES times.
+    """
+    for _attempt in range(BUSY_RETRIES + 1):
+        answer = _chat_once(port, model, messages, stream)
+        if busy is None or answer is not None:
+            break
+        busy.append(1)
+        time.sleep(0.25)
+    if answer is None:
+        raise RuntimeError(f"still busy after {BUSY_RETRIES} retries")
+    return answer
+
+
+def _chat_once(port: int, model: str, messages: List[Dict[str, str]], stream: bool) -> Optional[Dict[str, Any]]:
+    body: Dict[str, Any] = {"model": model, "messages": messages, "max_tokens": MAX_TOKENS,
+                            "temperature": 0.0, "stream": stream}
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    for attempt in range(3):  # a connection reset before any response is retried, as clients do
+        try:
+            status, data = _request(port, "POST", "/v1/chat/completions", body)
+            break
+        except (ConnectionResetError, ConnectionRefusedError, http.client.RemoteDisconnected):
+            if attempt == 2:
+                raise
+            time.sleep(0.5)
+    if status == 503 and b"busy" in data:
+        return None
+    if status != 200:
+        raise RuntimeError(f"HTTP {status}: {data[:300]!r}")
+    if not stream:
+        decoded = json.loads(data)
+        content = decoded["choices"][0]["message"].get("content")
+        if not isinstance(content, str):
+            raise RuntimeError(f"no text in {decoded['choices'][0]!r}"[:300])
+        return {"text": content, "usage": decoded.get("usage")}
+    text, usage, done = [], None, False
+    for line in data.decode("utf-8", "replace").splitlines():
+        if not line.startswith("data:"):
+            continue
+        chunk = line[5:].strip()
+        if chunk == "[DONE]":
+            done = True
+            continue
+        decoded = json.loads(chunk)
+        if decoded.get("error"):
+            raise RuntimeError(f"stream error: {decoded['error']!r}"[:300])
+        usage = decoded.get("usage") or usage
+        for choice in decoded.get("choices") or []:
+            piece = (choice.get("delta") or {}).get("content")
+            if piece:
+                text.append(piece)
+    if not done:
+        raise RuntimeError(f"stream ended without [DONE]: {data[-200:]!r}")
+    return {"text": "".join(text), "usage": usage}
+
+
+def _numbers(tree: Any, prefix: str = "") -> Dict[str, float]:
+    """Every numeric leaf of a JSON tree, by dotted path."""
+    out: Dict[str, float] = {}
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            out.update(_numbers(value, f"{prefix}{key}."))
+    elif isinstance(tree, (int, float)) and not isinstance(tree, bool):
+        out[prefix[:-1]] = tree
+    return out
+
+
+def _cache_counters(port: int) -> Optional[Dict[str, float]]:
+    try:
+        status, data = _request(port, "GET", "/v1/cache/stats", timeout=15)
+    except OSError:
+        return None
+    if status != 200:
+        return None
+    return {k: v for k, v in _numbers(json.loads(data)).items()
+            if re.search(r"(tokens_saved|(^|\.)hits)$", k)}
+
+
+def _listeners(port: int) -> Optional[set]:
+    """Inodes of the sockets listening on 127.0.0.1:`port` (Linux /proc), or None where unknown."""
+    try:
+        with open("/proc/net/tcp") as table:
+            rows = table.read().splitlines()[1:]
+    except OSError:
+        return None
+    wanted = f"0100007F:{port:04X}"
+    return {row.split()[9] for row in rows if row.split()[1] == wanted and row.split()[3] == "0A"}
+
+
+def _ours(port: int, session: int) -> bool:
+    """Whether the socket listening on `port` belongs to a process of our server's session."""
+    inodes = _listeners(port)
+    if inodes is None:
+        return True  # no /proc: cannot tell
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if os.getsid(int(pid)) != session:
+                continue
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:[") and target[8:-1] in inodes:
+                    return True
+        except OSError:
+            continue
+    return False
+
+
+def _wait_ready(port: int, process: subprocess.Popen, timeout: float) -> str:
+    """Wait until our server's GET /v1/models answers 200; returns the first model id.
+
+    Another program may take the port while ours loads: only a listener that belongs to
+    the server's own session counts.
+    """
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode} before it was ready")
+        if _listeners(port) and not _ours(port, process.pid):
+            raise RuntimeError(f"port {port} was taken by another program while the server started")
+        try:
+            status, data = _request(port, "GET", "/v1/models", timeout=5)
+            if status == 200:
+                models = json.loads(data).get("data") or []
+                return models[0]["id"] if models else "tiny"
+            last = f"HTTP {status}"
+        except (OSError, http.client.HTTPException, ValueError) as error:
+            last = f"{type(error).__name__}"
+        time.sleep(1.0)
+    raise RuntimeError(f"server not ready after {timeout:.0f}s ({last})")
+
+
+def _stop(process: subprocess.Popen) -> Optional[int]:
+    """SIGINT to the server's process group, then SIGKILL; returns its exit code (None if killed)."""
+    code: Optional[int] = None
+    if process.poll() is None:
+        try:
+            os.killpg(process.pid, signal.SIGINT)
+        except ProcessLookupError:
+            pass
+        try:
+            code = process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            code = None
+    else:
+        code = process.returncode
+    try:  # whatever is left of the group (handler subprocesses, resource trackers)
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    if process.poll() is None:
+        process.wait(timeout=30)
+    return code
+
+
+def bad_lines(lines: List[str]) -> List[str]:
+    return [line.strip()[:300] for line in lines if any(mark in line for mark in BAD_MARKS)]
+
+
+def build_model(python: str, arch: str) -> str:
+    """A tiny random-weight model made by the target's own mlx / mlx-lm (no download)."""
+    done = subprocess.run([python, "-c", "import sys; from mlx_threadsafe import testing; "
+                                         "print(testing.build_lm(sys.argv[1]))", arch],
+                          capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1"))
+    if done.returncode != 0:
+        raise RuntimeError(f"building the tiny {arch} model failed: {done.stderr.strip()[-400:]}")
+    return done.stdout.strip().splitlines()[-1]
+
+
+def check_side(server: Server, mode: str, model_dir: str, side: str, python: str) -> Dict[str, Any]:
+    """One server start on one side; the measured record."""
+    bin_dir = os.path.dirname(python)
+    port = free_port()
+    command = server.command(bin_dir, model_dir, port) + server.modes[mode]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1", NO_COLOR="1",
+               VIRTUAL_ENV=os.path.dirname(bin_dir), PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""))
+    for name in ("MLX_THREADSAFE", "MLX_THREADSAFE_DISABLE", "PYTHONPATH"):
+        env.pop(name, None)
+    if side == "run":
+        command = [os.path.join(bin_dir, "mlx-threadsafe"), "run", "--"] + command
+    elif side == "env":
+        env["MLX_THREADSAFE"] = "1"
+    if side != "none":  # each process that installs the shim logs the patches it applies
+        env["MLX_THREADSAFE_LOG"] = "debug"
+    record: Dict[str, Any] = {"side": side, "command": " ".join(os.path.basename(c) if i == 0 else c
+                                                                for i, c in enumerate(command)),
+                              "requests": CONCURRENT, "answered": 0, "reference_answered": 0,
+                              "equal_to_reference": 0, "cached_tokens": None, "cache_source": None,
+                              "failures": [], "bad_output": [], "exit_code": None}
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="conformance-") as home, \
+            tempfile.TemporaryFile() as output:
+        # An empty hub cache and a fresh HOME on every side: vllm-mlx saves its prefix cache
+        # under ~/.cache at exit and loads it at start-up, which would carry hits across runs.
+        env["HF_HOME"] = os.path.join(home, "hf")
+        env["HOME"] = home
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env, cwd=home,
+                                   start_new_session=True)
+        try:
+            served = _wait_ready(port, process, READY_TIMEOUT)
+            record["ready_s"] = round(time.monotonic() - started, 1)
+            concurrent: List[Optional[str]] = [None] * CONCURRENT
+            serialized = mode in server.serialized_modes
+            busy: Optional[List[int]] = [] if serialized else None
+
+            def client(index: int) -> None:
+                try:
+                    concurrent[index] = _chat(port, served, [{"role": "user", "content": PROMPTS[index]}],
+                                              stream=index % 2 == 1 and not serialized, busy=busy)["text"]
+                except Exception as error:  # noqa: BLE001 - counted and reported
+                    record["failures"].append(f"concurrent #{index}: {type(error).__name__}: {error}"[:400])
+
+            threads = [threading.Thread(target=client, args=(i,)) for i in range(CONCURRENT)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(REQUEST_TIMEOUT + 30)
+            record["answered"] = sum(text is not None for text in concurrent)
+            if serialized:
+                record["busy_retries"] = len(busy)
+                record["streaming"] = "none: this mode serves one request at a time (HTTP 503 busy, retried)"
+            serial: List[Optional[str]] = []
+            for index, prompt in enumerate(PROMPTS):
+                try:
+                    serial.append(_chat(port, served, [{"role": "user", "content": prompt}], stream=False)["text"])
+                except Exception as error:  # noqa: BLE001
+                    serial.append(None)
+                    record["failures"].append(f"serial #{index}: {type(error).__name__}: {error}"[:400])
+            record["reference_answered"] = sum(text is not None for text in serial)
+            record["equal_to_reference"] = sum(a is not None and a == b for a, b in zip(concurrent, serial))
+            record["mismatches"] = [{"prompt": PROMPTS[i], "concurrent": a, "serial": b}
+                                    for i, (a, b) in enumerate(zip(concurrent, serial))
+                                    if a is not None and b is not None and a != b][:3]
+            # The repeated conversation.
+            usages = []
+            middle = None
+            for attempt in range(2):
+                try:
+                    usages.append(_chat(port, served, conversation(server.conversation_words),
+                                        stream=mode in server.stream_conversation_modes)["usage"] or {})
+                except Exception as error:  # noqa: BLE001
+                    usages.append(None)
+                    record["failures"].append(f"conversation #{attempt}: {type(error).__name__}: {error}"[:400])
+                if attempt == 0:
+                    time.sleep(0.5)
+                    middle = _cache_counters(port)
+            after = _cache_counters(port)
+            second = usages[1] if len(usages) > 1 else None
+            record["prompt_tokens"] = (second or {}).get("prompt_tokens")
+            details = (second or {}).get("prompt_tokens_details") or {}
+            if details.get("cached_tokens") is not None:
+                record["cached_tokens"] = details["cached_tokens"]
+                record["cache_source"] = "usage.prompt_tokens_details.cached_tokens"
+            elif middle is not None and after is not None:
+                deltas = {k: after[k] - middle.get(k, 0) for k in after if after[k] != middle.get(k, 0)}
+                record["cache_counters_delta"] = deltas
+                saved = [v for k, v in deltas.items() if k.endswith("tokens_saved")]
+                hits = [v for k, v in deltas.items() if k.endswith("hits")]
+                record["cached_tokens"] = int(sum(saved)) if saved else (0 if not hits else None)
+                record["cache_hits"] = int(sum(hits))
+                record["cache_source"] = "GET /v1/cache/stats (tokens_saved, hits) around the second send"
+        except Exception as error:  # noqa: BLE001 - a server that never got ready
+            record["failures"].append(f"server: {type(error).__name__}: {error}"[:400])
+        finally:
+            record["exit_code"] = _stop(process)
+            record["wall_s"] = round(time.monotonic() - started, 1)
+            output.seek(0)
+            text = ANSI.sub("", output.read().decode("utf-8", "replace"))
+            lines = text.splitlines()
+    os.makedirs(LOGS, exist_ok=True)  # the whole output, for reading (git-ignored)
+    log = os.path.join(LOGS, f"{server.name}-{mode}-{os.path.basename(model_dir)}-{side}.log")
+    with open(log, "w") as out:
+        out.write(text)
+    record["log"] = os.path.relpath(log, venvs.ROOT)
+    if record.get("cache_hits") and not record.get("cached_tokens"):
+        # vllm-mlx's SimpleEngine counts hits only; its log says how many tokens a hit reused.
+        reused = [int(m.group(1)) for m in map(LOG_REUSED.search, lines) if m]
+        if reused:
+            record["cached_tokens"] = reused[-1]
+            record["cache_source"] = ("server log: 'System KV cache HIT ... reusing N tokens' "
+                                      "(hits counted in /v1/cache/stats)")
+    record["bad_output"] = bad_lines(lines)[:12]
+    # Proof that the shim was there: the patches it applied, from its debug log.
+    record["shim_applied"] = sorted({m.group(1) for m in map(SHIM_APPLIED.search, lines) if m})
+    lines = [line for line in lines if not line.startswith("mlx_threadsafe:")]
+    record["output_tail"] = "\n".join(line[:300] for line in lines[-25:])
+    record["cache_reused"] = bool(record.get("cached_tokens") or record.get("cache_hits"))
+    record["ok"] = (record["answered"] == CONCURRENT and record["reference_answered"] == CONCURRENT
+                    and record["equal_to_reference"] == CONCURRENT and record["cache_reused"]
+                    and not record["bad_output"] and not record["failures"]
+                    and (side == "none" or bool(record["shim_applied"])))
+    return record
+
+
+def summary(record: Dict[str, Any]) -> str:
+    if record.get("status") == "cannot-run":
+        return f"cannot run: {record.get('reason')}"
+    cached = record.get("cached_tokens")
+    text = (f"{record['answered']}/{record['requests']} answered, {record['equal_to_reference']}/{record['requests']} "
+            f"equal to serial, cached {cached if cached is not None else '-'}")
+    if record.get("side") in ("run", "env") and not record.get("shim_applied"):
+        text += ", the shim applied no patch in the server (no 'mlx_threadsafe: applied' line)"
+    if record.get("bad_output"):
+        text += f", output: {record['bad_output'][0][:100]!r}"
+    elif record.get("failures"):
+        text += f", first failure: {record['failures'][0][:120]}"
+    return text
+
+
+def run(names: Optional[List[str]] = None, modes: Optional[List[str]] = None, models: Optional[List[str]] = None,
+        sides: Optional[List[str]] = None, progress: Callable[[str], None] = print,
+        finished: Callable[[str, Dict[str, Any]], None] = lambda key, record: None) -> None:
+    """Run every selected (server, mode, model, side); each record is handed to `finished` as it ends."""
+    for name in names or list(SERVERS):
+        server = SERVERS[name]
+        base = {"kind": "server", "target": server.name, "version": server.version, "note": server.note,
+                "when": time.strftime("%Y-%m-%d")}
+        try:
+            python = venvs.target_python(server.venv, server.requirements, server.overrides, server.cpu_torch)
+            installed = venvs.versions_in(python, [server.name] + server.packages)
+            model_dirs = {arch: build_model(python, arch) for arch in (models or MODELS)}
+        except (venvs.CannotInstall, RuntimeError, subprocess.SubprocessError) as error:
+            for mode in modes or list(server.modes):
+                if mode not in server.modes:
+                    continue
+                for arch in models or MODELS:
+                    for side in sides or SIDES:
+                        key = f"server/{name}=={server.version}/{mode}/{arch}/{side}"
+                        record = dict(base, mode=mode, model=arch, side=side, status="cannot-run",
+                                      reason=f"{type(error).__name__}: {error}"[:600], ok=None)
+                        progress(f"{key}: cannot run: {record['reason'][:200]}")
+                        finished(key, record)
+            continue
+        for mode in modes or list(server.modes):
+            if mode not in server.modes:
+                continue
+            for arch in models or MODELS:
+                for side in sides or SIDES:
+                    key = f"server/{name}=={server.version}/{mode}/{arch}/{side}"
+                    record = dict(base, mode=mode, model=arch, versions=installed,
+                                  **check_side(server, mode, model_dirs[arch], side, python))
+                    record["status"] = "pass" if record["ok"] else "fail"
+                    progress(f"{key}: {record['status']}: {summary(record)} ({record['wall_s']}s)")
+                    finished(key, record)

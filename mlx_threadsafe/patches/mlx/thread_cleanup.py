@@ -1,0 +1,36 @@
+"""mlx.thread_cleanup: every thread that used MLX releases its streams on itself as it ends.
+
+After a Python thread is joined its OS thread still runs the C++ ``thread_local``
+destructors; MLX's per-thread compile cache releases Python objects there, and if the
+main thread is already finalizing the interpreter the process aborts with
+``terminate called without an active exception``. ``mx.clear_streams()`` at the end
+of the thread (what the MLX maintainers do in mlx-lm's own tests) prevents it.
+
+How: ``mx.eval`` and ``mx.async_eval`` adopt the calling thread (one thread-local
+lookup per call); an adopted thread runs ``mx.clear_streams()`` on itself when it
+ends (see `mlx_threadsafe.streams`), and is recorded so that at exit the main thread
+waits for its OS thread to finish its C++ destructors (the package's exit hook, in
+`mlx_threadsafe.worker`, which stays on after revert: threads that ended while the
+patch was on may still be waiting for the GIL).
+"""
+
+from types import ModuleType
+
+from ... import streams
+from ...registry import Patch
+from ..common import thread_adoption
+
+
+class ThreadCleanupPatch(Patch):
+    def replacements(self):
+        return super().replacements() + thread_adoption.replacements()
+
+    def _apply(self, mlx_core: ModuleType) -> None:
+        thread_adoption.require(mlx_core, self.id)
+        self.originals.on_restore(lambda: thread_adoption.release(self.id))
+        streams.cleanup_enabled = True
+        self.originals.on_restore(lambda: setattr(streams, "cleanup_enabled", False))
+
+
+# The compile cache is per thread from 0.31.2 on every backend, streams bound or not.
+PATCH = ThreadCleanupPatch("mlx.thread_cleanup", "mlx", "mlx.core", "mx.eval / mx.async_eval (thread end)")

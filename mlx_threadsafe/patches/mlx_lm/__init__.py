@@ -1,0 +1,1 @@
+"""Patches of mlx-lm's targets, one module per patch id."""

@@ -1,0 +1,16 @@
+"""mlx_lm.load.materialize: a loaded model has no lazy state left (all mlx-lm releases).
+
+``load_model`` evaluates only ``model.parameters()``: ``_``-prefixed arrays such as
+``Llama3RoPE._freqs`` stay lazy, adapters loaded by ``load_adapters`` are never
+evaluated, and a model loaded on one thread then fails on another.
+"""
+
+from ..common.load_materialize import LoadMaterializePatch
+
+PATCH = LoadMaterializePatch("mlx_lm.load.materialize", "mlx-lm", "mlx_lm", [
+    ("mlx_lm.utils", "load"),
+    ("mlx_lm.utils", "load_model"),
+    ("mlx_lm.utils", "load_adapters"),
+    ("mlx_lm.tuner.utils", "load_adapters"),
+    ("mlx_lm.utils", "sharded_load"),
+])

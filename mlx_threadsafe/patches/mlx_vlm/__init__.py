@@ -1,0 +1,1 @@
+"""Patches of mlx-vlm's targets, one module per patch id."""

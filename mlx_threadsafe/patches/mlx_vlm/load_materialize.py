@@ -1,0 +1,19 @@
+"""mlx_vlm.load.materialize: a loaded VLM has no lazy state left (all mlx-vlm releases).
+
+mlx-vlm leaves rotary tables lazy (qwen2_vl ``inv_freq`` up to 0.6.1,
+``rope._freqs`` in openai_privacy_filter on 0.7.10), never evaluates LoRA adapters,
+and ``sharded_load`` evaluates only the language model, leaving the vision tower lazy.
+"""
+
+from ..common.load_materialize import LoadMaterializePatch
+
+PATCH = LoadMaterializePatch("mlx_vlm.load.materialize", "mlx-vlm", "mlx_vlm", [
+    ("mlx_vlm.utils", "load"),
+    ("mlx_vlm.utils", "load_model"),
+    ("mlx_vlm.utils", "apply_lora_layers"),
+    ("mlx_vlm.trainer.peft.utils", "apply_lora_layers"),
+    ("mlx_vlm.trainer.peft.utils", "load_adapters"),
+    ("mlx_vlm.trainer.peft.adapter_utils", "load_adapters"),
+    ("mlx_vlm.trainer.utils", "apply_lora_layers"),
+    ("mlx_vlm.utils", "sharded_load"),
+])

@@ -1,0 +1,140 @@
+"""mlx-lm scenarios: load on one thread, generate on another; random keys; module streams."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from ..testing import on_new_thread
+from .catalogue import require, scenario
+from .fakes import _let_old_releases_generate_on_linux
+
+
+def _load(arch: str, **kwargs):
+    from mlx_lm import load
+
+    from ..testing import LM_ARCHS, build_lm
+
+    _let_old_releases_generate_on_linux(("mlx_lm.generate", "mlx_lm.utils"))
+
+    model_type = LM_ARCHS[arch]["model_type"]
+    require(f"mlx_lm.models.{model_type}", "Model")  # older releases lack newer architectures
+    return load(str(build_lm(arch)), **kwargs)
+
+
+def _generate(model, tokenizer, max_tokens: int = 6) -> str:
+    from mlx_lm import generate
+
+    from ..testing import PROMPT
+
+    return generate(model, tokenizer, PROMPT, max_tokens=max_tokens)
+
+
+# ------------------------------------------------------------------ scenarios
+
+
+@scenario("load on main, generate on a worker thread (llama)")
+def generate_on_worker() -> str:
+    model, tokenizer = _load("llama")
+    expected = _generate(model, tokenizer)
+    got = on_new_thread(_generate, model, tokenizer)
+    if got != expected:
+        raise AssertionError(f"worker gave {got!r}, main gave {expected!r}")
+    return repr(got)
+
+
+@scenario("load on main, generate first on a worker (llama3 rope_scaling: lazy rope._freqs)")
+def lazy_rope_on_worker() -> str:
+    model, tokenizer = _load("llama3rope")
+    return repr(on_new_thread(_generate, model, tokenizer))
+
+
+@scenario("load(adapter_path=...) on main, generate on a worker (LoRA weights)")
+def adapter_on_worker() -> str:
+    from ..testing import build_lora_adapter
+
+    model, tokenizer = _load("llama", adapter_path=str(build_lora_adapter("llama")))
+    return repr(on_new_thread(_generate, model, tokenizer))
+
+
+@scenario("8 threads generate greedily at once and match the serial outputs (gemma3 sliding window)")
+def eight_threads_match_serial() -> str:
+    from concurrent.futures import ThreadPoolExecutor
+
+    models = [_load("gemma3_text") for _ in range(2)]
+    serial = [_generate(*models[i % 2]) for i in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        threaded = list(pool.map(lambda i: _generate(*models[i % 2]), range(8)))
+    if threaded != serial:
+        raise AssertionError(f"threaded {threaded} != serial {serial}")
+    return f"{len(set(serial))} distinct outputs, all equal to serial"
+
+
+@scenario("asyncio.to_thread(generate)")
+def asyncio_to_thread() -> str:
+    import asyncio
+
+    model, tokenizer = _load("qwen3")
+    return repr(asyncio.run(asyncio.to_thread(_generate, model, tokenizer)))
+
+
+@scenario("two worker threads sample at temperature 1.0 and draw different text")
+def threads_sample_differently() -> str:
+    from mlx_lm import generate
+
+    from ..testing import PROMPT
+
+    make_sampler = require("mlx_lm.sample_utils", "make_sampler")
+    model, tokenizer = _load("llama")
+    sampler = make_sampler(temp=1.0)
+    outputs = [on_new_thread(generate, model, tokenizer, PROMPT, max_tokens=12, sampler=sampler) for _ in range(2)]
+    if outputs[0] == outputs[1]:
+        raise AssertionError(f"both threads drew the same text: {outputs[0]!r}")
+    return "different"
+
+
+@scenario("a sampler mlx-lm compiled at import draws fresh numbers on a worker thread (mlx-lm #1675)")
+def compiled_sampler_advances_on_worker() -> str:
+    import mlx.core as mx
+
+    make_sampler = require("mlx_lm.sample_utils", "make_sampler")
+    sampler = make_sampler(temp=1.0)
+    flat = mx.zeros((1, 1000))
+    mx.eval(flat)
+    draws = on_new_thread(lambda: [sampler(flat).item() for _ in range(8)])
+    if len(set(draws)) == 1:
+        raise AssertionError(f"the sampler drew {draws[0]} on all 8 calls on a worker thread")
+    return f"{len(set(draws))} distinct draws in 8"
+
+
+
+_MODULE_WITH_STREAM = """
+import mlx.core as mx
+
+STREAM = mx.new_stream(mx.default_device())  # at import, on the importing thread
+
+
+def handle():
+    with mx.stream(STREAM):
+        y = mx.ones(4) * 2
+    mx.eval(y)
+    return y.tolist()
+"""
+
+
+@scenario("a stream a module makes at import, used on a request thread (any library's module)")
+def module_stream_on_request_thread() -> str:
+    import importlib
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="mlx_threadsafe-module-")
+    with open(os.path.join(folder, "module_with_stream.py"), "w") as file:
+        file.write(_MODULE_WITH_STREAM)
+    sys.path.insert(0, folder)
+    module = importlib.import_module("module_with_stream")
+    got = on_new_thread(module.handle)
+    if got != module.handle():
+        raise AssertionError(f"the request thread computed {got}, the importing thread {module.handle()}")
+    return f"{got} on the request thread and on the importing thread"
+
+
