@@ -42,3 +42,7 @@ class WorkerQueueFull(RuntimeError):
 
 class ForkedAfterMlxUse(RuntimeError):
     """MLX was called in a child forked after its parent used MLX (it would hang)."""
+
+
+class ConcurrentCollectives(RuntimeError):
+    """A thread issued an mx.distributed collective while another thread of the rank had one pending."""

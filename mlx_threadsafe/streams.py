@@ -104,6 +104,25 @@ def wait_for_ended_threads(timeout: float = 1.0) -> None:
         _ending_native_ids.discard(native_id)
 
 
+def wait_for_thread(thread: threading.Thread, timeout: float) -> bool:
+    """Wait until `thread` has really ended (at most `timeout` s); True if it has.
+
+    Waits on its OS thread where Linux shows it (``/proc/self/task``): after a
+    KeyboardInterrupt in ``join()`` (Python < 3.13, bpo-45274) the Thread object says
+    stopped while the thread still runs. Elsewhere ``join(timeout)``.
+    """
+    native_id = getattr(thread, "native_id", None)
+    if native_id is None or not os.path.isdir(_TASKS):
+        thread.join(timeout)
+        return not thread.is_alive()
+    deadline = time.monotonic() + timeout
+    while _os_thread_alive(native_id):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
 def release_thread_streams(thread_name: str = "") -> None:
     """Destroy every stream the calling thread created (``mx.clear_streams``).
 

@@ -35,9 +35,10 @@ def test_a_matrix_row_that_drops_a_needed_patch_is_caught():
 
 def test_an_mlx_row_that_drops_the_module_stream_fix_is_caught():
     # mlx 0.32.4: a stream a module makes at import fails on every other thread without it
-    row = 'patches = ["mlx.thread_cleanup", "mlx.thread_rng", "mlx.module_streams"]'
+    row = 'patches = ["mlx.thread_cleanup", "mlx.thread_rng", "mlx.module_streams", "mlx.distributed.one_thread"]'
     assert row in _matrix_text()
-    wrong = _matrix_text().replace(row, 'patches = ["mlx.thread_cleanup", "mlx.thread_rng"]')
+    wrong = _matrix_text().replace(
+        row, 'patches = ["mlx.thread_cleanup", "mlx.thread_rng", "mlx.distributed.one_thread"]')
     problems = verify.check(verify.load_evidence(), wrong)
     assert any("mlx0.32.4: the matrix drops mlx.module_streams, but module_stream_on_request_thread"
                in p for p in problems), problems
@@ -45,9 +46,9 @@ def test_an_mlx_row_that_drops_the_module_stream_fix_is_caught():
 
 def test_an_mlx_row_that_drops_the_compiled_sampler_fix_is_caught():
     # mlx 0.31.2: mlx-lm's samplers froze off the import thread without it
-    row = 'patches = ["mlx.thread_cleanup", "mlx.thread_rng", "mlx.compile.random_state", "mlx.module_streams"]'
+    row = '"mlx.thread_cleanup", "mlx.thread_rng", "mlx.compile.random_state", "mlx.module_streams",'
     assert row in _matrix_text()
-    wrong = _matrix_text().replace(row, 'patches = ["mlx.thread_cleanup", "mlx.thread_rng", "mlx.module_streams"]')
+    wrong = _matrix_text().replace(row, '"mlx.thread_cleanup", "mlx.thread_rng", "mlx.module_streams",')
     problems = verify.check(verify.load_evidence(), wrong)
     assert any("mlx0.31.2: the matrix drops mlx.compile.random_state, but compiled_sampler_advances_on_worker"
                in p for p in problems), problems

@@ -141,3 +141,41 @@ def test_status_says_what_protection_this_platform_gets():
     assert subjects[0].startswith("streams (cpu, mlx") and subjects[1:] == ["thread end", "exit wait", "fork"]
     assert "bound to the thread" in rows[0][1] and "Linux /proc" in rows[2][1] and "spawn" in rows[3][1]
     assert "protection on this platform:" in table
+
+
+COLLECTIVES_FROM_TWO_THREADS = """
+    import json, threading
+    {install}
+    import mlx.core as mx
+    group = mx.distributed.init()  # one rank here: the guard does not depend on the peers
+    pending = mx.distributed.all_sum(mx.array([1.0]))  # issued on the main thread, not evaluated yet
+    box = {{}}
+
+    def second():
+        try:
+            box["out"] = mx.distributed.all_sum(mx.array([2.0])).tolist()
+        except RuntimeError as error:
+            box["out"] = [type(error).__name__, str(error)]
+
+    thread = threading.Thread(target=second, name="request-2")
+    thread.start()
+    thread.join()
+    mx.eval(pending)  # evaluated: another thread may issue collectives now
+    thread = threading.Thread(target=lambda: box.update(after=mx.distributed.all_sum(mx.array([3.0])).tolist()))
+    thread.start()
+    thread.join()
+    print(json.dumps([box["out"], box["after"]]))
+"""
+
+
+def test_a_collective_from_a_second_thread_while_one_is_pending_is_refused_with_both_names():
+    (name, message), after = run_json(COLLECTIVES_FROM_TWO_THREADS.format(
+        install="import mlx_threadsafe; mlx_threadsafe.install()"))
+    assert name == "ConcurrentCollectives"
+    assert "thread 'request-2' issued mx.distributed.all_sum" in message and "'MainThread'" in message
+    assert "one thread" in message and after == [3.0]
+
+
+def test_without_the_shim_the_second_thread_issues_it_silently():
+    out = run_json(COLLECTIVES_FROM_TWO_THREADS.format(install=""))
+    assert out == [[2.0], [3.0]]  # no error: on a real ring the pairing across ranks goes wrong

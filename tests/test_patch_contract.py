@@ -20,6 +20,8 @@ PATCH_ENVIRONMENTS = {
     "mlx.thread_cleanup": None,
     "mlx.thread_rng": None,
     "mlx.module_streams": None,
+    "mlx.distributed.one_thread": None,
+    "mlx_lm.server.stop_at_exit": None,
     "mlx_lm.load.materialize": None,
     "mlx_lm.BatchGenerator.owner": None,
     "mlx_lm.BatchGenerator.close_guard": None,

@@ -7,55 +7,38 @@ in ``patches/mlx_lm/load_materialize.py``. Each module declares one ``PATCH`` (a
 every patch it requires.
 """
 
-from .mlx import compile_random_state, module_streams, thread_cleanup, thread_rng
-from .mlx_lm import (
-    batch_generator_close_guard as lm_batch_generator_close_guard,
-)
-from .mlx_lm import (
-    batch_generator_owner as lm_batch_generator_owner,
-)
-from .mlx_lm import (
-    generation_stream as lm_generation_stream,
-)
-from .mlx_lm import (
-    load_materialize as lm_load_materialize,
-)
-from .mlx_lm import (
-    tokenizer_wrapper_detokenizer,
-)
-from .mlx_vlm import (
-    batch_generator_close_guard as vlm_batch_generator_close_guard,
-)
-from .mlx_vlm import (
-    batch_generator_owner as vlm_batch_generator_owner,
-)
-from .mlx_vlm import (
-    generate_step_request_state,
-    server_stop_at_exit,
-)
-from .mlx_vlm import (
-    generation_stream as vlm_generation_stream,
-)
-from .mlx_vlm import (
-    load_materialize as vlm_load_materialize,
-)
+from .mlx import compile_random_state, distributed_one_thread, module_streams, thread_cleanup, thread_rng
+from .mlx_lm import batch_generator_close_guard as lm_batch_generator_close_guard
+from .mlx_lm import batch_generator_owner as lm_batch_generator_owner
+from .mlx_lm import generation_stream as lm_generation_stream
+from .mlx_lm import load_materialize as lm_load_materialize
+from .mlx_lm import server_stop_at_exit as lm_server_stop_at_exit
+from .mlx_lm import tokenizer_wrapper_detokenizer
+from .mlx_vlm import batch_generator_close_guard as vlm_batch_generator_close_guard
+from .mlx_vlm import batch_generator_owner as vlm_batch_generator_owner
+from .mlx_vlm import generate_step_request_state
+from .mlx_vlm import generation_stream as vlm_generation_stream
+from .mlx_vlm import load_materialize as vlm_load_materialize
+from .mlx_vlm import server_stop_at_exit as vlm_server_stop_at_exit
 
 ALL = [
     thread_cleanup.PATCH,
     thread_rng.PATCH,
     compile_random_state.PATCH,
     module_streams.PATCH,
+    distributed_one_thread.PATCH,
     lm_generation_stream.PATCH,
     lm_load_materialize.PATCH,
     tokenizer_wrapper_detokenizer.PATCH,
     lm_batch_generator_owner.PATCH,
     lm_batch_generator_close_guard.PATCH,
+    lm_server_stop_at_exit.PATCH,
     vlm_generation_stream.PATCH,
     vlm_load_materialize.PATCH,
     vlm_batch_generator_owner.PATCH,
     vlm_batch_generator_close_guard.PATCH,
     generate_step_request_state.PATCH,
-    server_stop_at_exit.PATCH,
+    vlm_server_stop_at_exit.PATCH,
 ]
 
 

@@ -7,6 +7,9 @@ thread errors that pass through it (at no cost to a call that does not fail), re
 which thread made each ``mx.new_stream``, and arms the fork guard.
 """
 
+import threading
+from typing import Any, Dict, Tuple
+
 import wrapt
 
 from ... import diagnostics
@@ -16,6 +19,11 @@ from ...streams import _local, adopt_current_thread
 
 _originals = Originals()
 _users: set = set()
+
+# Collectives issued and not yet evaluated: group key -> (thread ident, thread name,
+# collective). Kept here because this layer sees every mx.eval (mlx.distributed.one_thread).
+pending_collectives: Dict[Any, Tuple[int, str, str]] = {}
+_collectives_lock = threading.Lock()
 
 
 def adopt_then_call(wrapped, instance, args, kwargs):
@@ -28,6 +36,21 @@ def adopt_then_call(wrapped, instance, args, kwargs):
         raise
 
 
+def adopt_then_eval(wrapped, instance, args, kwargs):
+    result = adopt_then_call(wrapped, instance, args, kwargs)
+    if pending_collectives:  # the one check the single-thread path pays
+        settle_collectives_of_this_thread()
+    return result
+
+
+def settle_collectives_of_this_thread() -> None:
+    """The calling thread's mx.eval returned: every collective it issued has run."""
+    me = threading.get_ident()
+    with _collectives_lock:
+        for key in [key for key, holder in pending_collectives.items() if holder[0] == me]:
+            del pending_collectives[key]
+
+
 def _record_new_stream(wrapped, instance, args, kwargs):
     stream = wrapped(*args, **kwargs)
     diagnostics.record_stream(stream)
@@ -37,9 +60,8 @@ def _record_new_stream(wrapped, instance, args, kwargs):
 def require(mlx_core, user: str) -> None:
     """Wrap eval/async_eval for `user` (a patch id); the first user puts the layer on."""
     if not _users:
-        for name in ("eval", "async_eval"):
-            _originals.set_attribute(mlx_core, name,
-                                     wrapt.FunctionWrapper(module_attribute("mlx.core", name), adopt_then_call))
+        for name, wrapper in (("eval", adopt_then_eval), ("async_eval", adopt_then_call)):
+            _originals.set_attribute(mlx_core, name, wrapt.FunctionWrapper(module_attribute("mlx.core", name), wrapper))
         _originals.set_attribute(mlx_core, "new_stream",
                                  wrapt.FunctionWrapper(module_attribute("mlx.core", "new_stream"), _record_new_stream))
         diagnostics.watch_forks()

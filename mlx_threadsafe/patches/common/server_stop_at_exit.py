@@ -1,0 +1,99 @@
+"""A server's generation thread is stopped, and waited for, before the interpreter finalizes.
+
+mlx-lm's and mlx-vlm's servers run generation on one thread of a ``ResponseGenerator``.
+At shutdown that thread may still be alive: mlx-vlm never stops it; mlx-lm's rank > 0
+of a distributed server waits in ``response_generator.join()``, and on Python < 3.13 a
+KeyboardInterrupt during ``join()`` marks the still-running thread as stopped, so
+finalization does not wait for it. A thread that owns MLX state while the interpreter
+finalizes aborts the process (``terminate called without an active exception``).
+
+How: every ResponseGenerator is remembered (weakly); an atexit handler asks each to
+stop (``stop_and_join(timeout=)`` where the release has one, mlx-vlm; else the
+``_stop`` flag its loop reads, as mlx-lm's own ``stop_and_join()`` does before its
+unbounded join) and then waits, at most STOP_TIMEOUT_S, for the generation thread's
+OS thread to be gone. ``Thread.join()`` cannot be trusted here: after the
+KeyboardInterrupt it returns at once for a thread that still runs (bpo-45274).
+"""
+
+from __future__ import annotations
+
+import atexit
+import inspect
+import logging
+import sys
+import threading
+import time
+import weakref
+from types import ModuleType
+from typing import Any, List
+
+import wrapt
+
+from ... import streams
+from ...errors import TargetMissing
+from ...registry import Patch
+
+log = logging.getLogger("mlx_threadsafe")
+STOP_TIMEOUT_S = 10.0
+
+
+class ServerStopAtExitPatch(Patch):
+    """Stops the generation threads of `server_module`'s ResponseGenerators at exit.
+
+    Generators are found two ways: remembered as they are built, once `trigger` (the
+    server module) is imported; and, at exit, among the live threads whose target is a
+    ResponseGenerator method, which also finds the generator of a server run as
+    ``python -m`` (its module is ``__main__``, never imported under its name).
+    """
+
+    def __init__(self, id: str, package: str, trigger: str, server_module: str) -> None:
+        super().__init__(id, package, trigger, f"{server_module}.ResponseGenerator")
+        self.server_module = server_module
+        self._generators: "weakref.WeakSet" = weakref.WeakSet()
+
+    def _apply(self, module: ModuleType) -> None:
+        server = sys.modules.get(self.server_module)
+        if server is not None:
+            cls = getattr(server, "ResponseGenerator", None)
+            if cls is None or not callable(getattr(cls, "stop_and_join", None)):
+                raise TargetMissing(f"no ResponseGenerator.stop_and_join in {self.server_module}")
+            self.originals.set_attribute(cls, "__init__", wrapt.FunctionWrapper(cls.__init__, self._remember))
+        atexit.register(self._stop_generators)
+        self.originals.on_restore(lambda: atexit.unregister(self._stop_generators))
+
+    def _remember(self, wrapped, instance, args, kwargs):
+        wrapped(*args, **kwargs)
+        self._generators.add(instance)
+
+    def _running_generators(self) -> List[Any]:
+        found = list(self._generators)
+        for thread in threading.enumerate():
+            owner = getattr(getattr(thread, "_target", None), "__self__", None)
+            if owner is not None and self._is_response_generator(type(owner)) and owner not in found:
+                found.append(owner)
+        return found
+
+    def _is_response_generator(self, cls: type) -> bool:
+        home = sys.modules.get(cls.__module__)
+        spec = getattr(home, "__spec__", None)
+        module = spec.name if cls.__module__ == "__main__" and spec is not None else cls.__module__
+        return cls.__name__ == "ResponseGenerator" and module == self.server_module
+
+    def _stop_generators(self) -> None:
+        for generator in self._running_generators():
+            try:
+                _stop_and_join(generator, STOP_TIMEOUT_S)
+            except Exception:  # noqa: BLE001 - exiting anyway; say why it could not stop
+                log.exception("could not stop the %s generation thread at exit", self.package)
+
+
+def _stop_and_join(generator, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    stop_and_join = generator.stop_and_join
+    if "timeout" in inspect.signature(stop_and_join).parameters:
+        stop_and_join(timeout=timeout)
+    else:
+        generator._stop = True
+    thread = getattr(generator, "_generation_thread", None)
+    if thread is not None and not streams.wait_for_thread(thread, max(0.0, deadline - time.monotonic())):
+        log.warning("the %s generation thread did not stop within %.0f s", type(generator).__module__, timeout)

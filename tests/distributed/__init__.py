@@ -1,0 +1,1 @@
+"""Helpers and rank scripts for tests/test_distributed.py (real `mlx.launch --backend ring`)."""
