@@ -157,7 +157,29 @@ def startup_hook_cost() -> Dict[str, Any]:
         starts.append(time.perf_counter() - start)
     interpreter_start_s = statistics.median(starts)
     return {"hook_line_us": per_line_s * 1e6, "interpreter_start_ms": interpreter_start_s * 1e3,
-            "share_of_start": per_line_s / interpreter_start_s}
+            "share_of_start": per_line_s / interpreter_start_s, **_startup_with_the_variable()}
+
+
+def _startup_with_the_variable(pairs: int = 15) -> Dict[str, Any]:
+    """Whole `python -c pass` processes, MLX_THREADSAFE=1 and unset, in ABBA order."""
+    import subprocess
+
+    def start(variable: bool) -> float:
+        env = dict(os.environ, MLX_THREADSAFE="1") if variable else {
+            k: v for k, v in os.environ.items() if k != "MLX_THREADSAFE"}
+        began = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "pass"], check=True, env=env)
+        return time.perf_counter() - began
+
+    ratios, bare, hooked = [], [], []
+    for index in range(pairs):
+        order = (False, True) if index % 2 == 0 else (True, False)
+        times = {variable: start(variable) for variable in order}
+        bare.append(times[False])
+        hooked.append(times[True])
+        ratios.append(times[True] / times[False])
+    return {"variable_set_ratio": statistics.median(ratios), "variable_set_ms": statistics.median(hooked) * 1e3,
+            "variable_unset_ms": statistics.median(bare) * 1e3, "variable_pairs": pairs}
 
 
 def materialize_cost(path: str) -> Dict[str, Any]:

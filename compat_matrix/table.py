@@ -6,7 +6,7 @@ import os
 import re
 from typing import Any, Dict, List
 
-from .verify import HERE, SCENARIOS_BY_PACKAGE
+from .verify import HERE, RELEASES, SCENARIOS_BY_PACKAGE
 
 ROOT = os.path.dirname(HERE)
 MARKERS = ("<!-- matrix-summary:start -->", "<!-- matrix-summary:end -->")
@@ -46,6 +46,8 @@ def _not_run_reasons(records: Dict[str, Dict[str, Any]]) -> List[str]:
     for (package, name, verdict_, reason), where in sorted(groups.items()):
         reason = reason.replace("|", "\\|").replace("\n", " ")
         lines.append(f"| {package} | {name} | {verdict_} | {reason} | {', '.join(where)} |")
+    for releases, reason in RELEASES.get("not-run", {}).items():
+        lines.append(f"| {releases.split('<')[0].split('=')[0]} | (all) | not in the matrix | {reason} | {releases} |")
     return lines + [""]
 
 

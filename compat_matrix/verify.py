@@ -199,10 +199,25 @@ def planned_patches(record: Dict[str, Any], matrix=None) -> List[str]:
     return [p.id for p in ALL if p.package in ("mlx", record["package"]) and registry.plan(p, env, matrix).apply]
 
 
+def unrun_mlx_patches(records: Dict[str, Dict[str, Any]], matrix=None) -> List[str]:
+    """Each mlx release of releases.toml on which the matrix applies an mlx patch no record ran."""
+    matrix = matrix if matrix is not None else registry.load_matrix()
+    problems = []
+    for mlx in RELEASES["mlx"] + RELEASES.get("mlx-other", []):
+        ran = {patch for record in records.values() if record["mlx"] == mlx and record["state"] == "ran"
+               for patch in record["applied"]}
+        env = versions.Environment(mlx=mlx, mlx_lm=None, mlx_vlm=None, backend="cpu")
+        for patch in ALL:
+            if patch.package == "mlx" and registry.plan(patch, env, matrix).apply and patch.id not in ran:
+                problems.append(f"mlx {mlx}: the matrix applies {patch.id}, but no evidence ran it on that mlx "
+                                "(verify --representatives)")
+    return problems
+
+
 def check(records: Dict[str, Dict[str, Any]], matrix_text: Optional[str] = None) -> List[str]:
     """Every disagreement between the runtime matrix and the evidence, as sentences."""
     matrix = registry.load_matrix(matrix_text)
-    problems = []
+    problems = unrun_mlx_patches(records, matrix)
     for key, record in records.items():
         if record["state"] != "ran":
             continue

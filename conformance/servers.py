@@ -469,6 +469,16 @@ def summary(record: Dict[str, Any]) -> str:
     return text
 
 
+def _cells(name: str, server: Server, modes, models, sides):
+    """Every (key, mode, model, side) to check for `server`, in order."""
+    for mode in modes or list(server.modes):
+        if mode not in server.modes:
+            continue
+        for arch in models or MODELS:
+            for side in sides or SIDES:
+                yield f"server/{name}=={server.version}/{mode}/{arch}/{side}", mode, arch, side
+
+
 def run(names: Optional[List[str]] = None, modes: Optional[List[str]] = None, models: Optional[List[str]] = None,
         sides: Optional[List[str]] = None, progress: Callable[[str], None] = print,
         finished: Callable[[str, Dict[str, Any]], None] = lambda key, record: None) -> None:
@@ -482,25 +492,15 @@ def run(names: Optional[List[str]] = None, modes: Optional[List[str]] = None, mo
             installed = venvs.versions_in(python, [server.name] + server.packages)
             model_dirs = {arch: build_model(python, arch) for arch in (models or MODELS)}
         except (venvs.CannotInstall, RuntimeError, subprocess.SubprocessError) as error:
-            for mode in modes or list(server.modes):
-                if mode not in server.modes:
-                    continue
-                for arch in models or MODELS:
-                    for side in sides or SIDES:
-                        key = f"server/{name}=={server.version}/{mode}/{arch}/{side}"
-                        record = dict(base, mode=mode, model=arch, side=side, status="cannot-run",
-                                      reason=f"{type(error).__name__}: {error}"[:600], ok=None)
-                        progress(f"{key}: cannot run: {record['reason'][:200]}")
-                        finished(key, record)
+            for key, mode, arch, side in _cells(name, server, modes, models, sides):
+                record = dict(base, mode=mode, model=arch, side=side, status="cannot-run",
+                              reason=f"{type(error).__name__}: {error}"[:600], ok=None)
+                progress(f"{key}: cannot run: {record['reason'][:200]}")
+                finished(key, record)
             continue
-        for mode in modes or list(server.modes):
-            if mode not in server.modes:
-                continue
-            for arch in models or MODELS:
-                for side in sides or SIDES:
-                    key = f"server/{name}=={server.version}/{mode}/{arch}/{side}"
-                    record = dict(base, mode=mode, model=arch, versions=installed,
-                                  **check_side(server, mode, model_dirs[arch], side, python))
-                    record["status"] = "pass" if record["ok"] else "fail"
-                    progress(f"{key}: {record['status']}: {summary(record)} ({record['wall_s']}s)")
-                    finished(key, record)
+        for key, mode, arch, side in _cells(name, server, modes, models, sides):
+            record = dict(base, mode=mode, model=arch, versions=installed,
+                          **check_side(server, mode, model_dirs[arch], side, python))
+            record["status"] = "pass" if record["ok"] else "fail"
+            progress(f"{key}: {record['status']}: {summary(record)} ({record['wall_s']}s)")
+            finished(key, record)

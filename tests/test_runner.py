@@ -6,6 +6,8 @@ import sys
 from helpers import ROOT, run_python
 
 CHECK = "import mlx_threadsafe, sys; print(mlx_threadsafe.is_installed(), 'mlx.core' in sys.modules)"
+# The shim installs at the first import of mlx (or mlx_lm / mlx_vlm): until then nothing loads.
+AFTER_MLX = "import mlx.core, mlx_threadsafe; print(mlx_threadsafe.is_installed())"
 
 
 def _run(*command, env=None, cwd=ROOT):
@@ -18,8 +20,8 @@ def _run(*command, env=None, cwd=ROOT):
 
 
 def test_run_installs_the_shim_in_the_command_and_its_child_processes():
-    code = ("import mlx_threadsafe, subprocess, sys; print(mlx_threadsafe.is_installed()); "
-            "print(subprocess.check_output([sys.executable, '-c', 'import mlx_threadsafe; "
+    code = ("import mlx.core, mlx_threadsafe, subprocess, sys; print(mlx_threadsafe.is_installed()); "
+            "print(subprocess.check_output([sys.executable, '-c', 'import mlx.core, mlx_threadsafe; "
             "print(mlx_threadsafe.is_installed())'], text=True).strip())")
     done = _run(sys.executable, "-c", code)
     assert done.returncode == 0, done.stderr
@@ -33,8 +35,9 @@ def test_without_run_nothing_is_installed():
 
 def test_run_chain_loads_the_users_own_sitecustomize(tmp_path):
     (tmp_path / "sitecustomize.py").write_text("import os\nos.environ['USER_SITECUSTOMIZE'] = 'ran'\n")
-    done = _run(sys.executable, "-c", "import os, mlx_threadsafe; print(os.environ.get('USER_SITECUSTOMIZE'), "
-                "mlx_threadsafe.is_installed())", env={"PYTHONPATH": str(tmp_path)})
+    done = _run(sys.executable, "-c", "import os, mlx.core, mlx_threadsafe; "
+                "print(os.environ.get('USER_SITECUSTOMIZE'), mlx_threadsafe.is_installed())",
+                env={"PYTHONPATH": str(tmp_path)})
     assert done.stdout.split() == ["ran", "True"], done.stderr
 
 
@@ -76,9 +79,19 @@ def test_an_interpreter_without_the_package_runs_unshimmed_with_a_warning(tmp_pa
     assert "cannot import mlx_threadsafe" in done.stderr and "running without the shim" in done.stderr
 
 
-def test_start_up_hook_installs_when_asked_and_imports_nothing_heavy():
+def test_start_up_hook_imports_only_the_standard_library_until_mlx_is_imported():
+    done = run_python("import sys; print(sorted(m for m in sys.modules if m.startswith(('mlx', 'wrapt', 'pack'))))",
+                      env={"MLX_THREADSAFE": "1"})
+    loaded = done.stdout.strip()
+    assert loaded == ("['mlx_threadsafe', 'mlx_threadsafe.autoinstall', 'mlx_threadsafe.errors', "
+                      "'mlx_threadsafe.import_watch']"), done.stderr
+
+
+def test_start_up_hook_installs_at_the_first_import_of_mlx():
     done = run_python(CHECK, env={"MLX_THREADSAFE": "1"})
-    assert done.stdout.split() == ["True", "False"], done.stderr
+    assert done.stdout.split() == ["False", "False"], done.stderr
+    done = run_python(AFTER_MLX, env={"MLX_THREADSAFE": "1"})
+    assert done.stdout.split() == ["True"], done.stderr
 
 
 def test_start_up_hook_is_silent_and_imports_nothing_when_unset():
@@ -90,6 +103,6 @@ def test_start_up_hook_is_silent_and_imports_nothing_when_unset():
 def test_start_up_hook_failure_warns_and_the_program_still_runs(tmp_path):
     # a broken dependency shadowing the real one makes `import mlx_threadsafe` fail at start-up
     (tmp_path / "wrapt.py").write_text("raise ImportError('wrapt is broken here')\n")
-    done = run_python("print('program ran')", env={"MLX_THREADSAFE": "1", "PYTHONPATH": str(tmp_path)})
+    done = run_python("import mlx.core; print('program ran')", env={"MLX_THREADSAFE": "1", "PYTHONPATH": str(tmp_path)})
     assert done.returncode == 0 and done.stdout.strip() == "program ran", done.stderr
     assert "wrapt is broken here" in done.stderr

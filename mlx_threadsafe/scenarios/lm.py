@@ -70,6 +70,20 @@ def eight_threads_match_serial() -> str:
     return f"{len(set(serial))} distinct outputs, all equal to serial"
 
 
+@scenario("8 threads generate greedily at once on 2 llama models (4 threads a tokenizer) and match serial")
+def eight_threads_share_a_tokenizer() -> str:
+    """The detokenizer race alone: every release has llama (mlx-lm before 0.20.1 has no gemma3)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    models = [_load("llama") for _ in range(2)]
+    serial = [_generate(*models[i % 2], max_tokens=12) for i in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        threaded = list(pool.map(lambda i: _generate(*models[i % 2], max_tokens=12), range(8)))
+    if threaded != serial:
+        raise AssertionError(f"threaded {threaded} != serial {serial}")
+    return f"{len(set(serial))} distinct outputs, all equal to serial"
+
+
 @scenario("asyncio.to_thread(generate)")
 def asyncio_to_thread() -> str:
     import asyncio

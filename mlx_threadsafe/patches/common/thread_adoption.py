@@ -15,6 +15,7 @@ import wrapt
 from ... import diagnostics
 from ...patching.homes import module_attribute
 from ...patching.originals import Originals
+from ...registry import Patch
 from ...streams import _local, adopt_current_thread
 
 _originals = Originals()
@@ -78,3 +79,18 @@ def release(user: str) -> None:
     _users.discard(user)
     if not _users:
         _originals.restore()
+
+
+class AdoptionLayerPatch(Patch):
+    """A patch that needs threads adopted: the shared layer is on while any such patch is applied."""
+
+    def replacements(self):
+        return super().replacements() + replacements()
+
+    def _apply(self, mlx_core) -> None:
+        require(mlx_core, self.id)
+        self.originals.on_restore(lambda: release(self.id))
+        self._apply_with_layer(mlx_core)
+
+    def _apply_with_layer(self, mlx_core) -> None:
+        raise NotImplementedError

@@ -25,7 +25,6 @@ from typing import Any
 import wrapt
 
 from ...errors import ConcurrentCollectives, TargetMissing
-from ...registry import Patch
 from ..common import thread_adoption
 
 COLLECTIVES = ("all_sum", "all_gather", "all_max", "all_min", "sum_scatter", "send", "recv", "recv_like")
@@ -75,16 +74,13 @@ def _alive(ident: int) -> bool:
     return any(thread.ident == ident for thread in threading.enumerate())
 
 
-class DistributedOneThreadPatch(Patch):
-    def replacements(self):
-        return super().replacements() + thread_adoption.replacements()
+class DistributedOneThreadPatch(thread_adoption.AdoptionLayerPatch):
+    """The shared layer's mx.eval wrapper settles a thread's pending collectives."""
 
-    def _apply(self, mlx_core: ModuleType) -> None:
+    def _apply_with_layer(self, mlx_core: ModuleType) -> None:
         distributed = getattr(mlx_core, "distributed", None)
         if distributed is None or not hasattr(distributed, "all_sum"):
             raise TargetMissing("no mlx.core.distributed.all_sum in this mlx")
-        thread_adoption.require(mlx_core, self.id)  # its mx.eval layer settles pending collectives
-        self.originals.on_restore(lambda: thread_adoption.release(self.id))
         for name in COLLECTIVES:
             if hasattr(distributed, name):
                 self.originals.set_attribute(distributed, name,

@@ -16,13 +16,13 @@ mlx, mlx-lm and mlx-vlm are left to their own, version-gated patches.
 
 from __future__ import annotations
 
-import importlib.machinery
 import logging
 import sys
 import threading
 from types import ModuleType
 from typing import Any, Dict, List
 
+from ... import import_watch
 from ...patching.rebind import rebind_everywhere
 from ...registry import Patch
 
@@ -45,9 +45,8 @@ class ModuleStreamsPatch(Patch):
     def _apply(self, package: ModuleType) -> None:
         # Applied at install(), before mlx may even be imported: the first module that
         # makes a stream at import may be the very one that imports mlx.
-        finder = _AfterImport(self.repoint_streams_of)
-        sys.meta_path.insert(0, finder)
-        self.originals.on_restore(lambda: sys.meta_path.remove(finder) if finder in sys.meta_path else None)
+        import_watch.watch(self.repoint_streams_of)
+        self.originals.on_restore(lambda: import_watch.unwatch(self.repoint_streams_of))
         if "mlx.core" in sys.modules:
             for module in list(sys.modules.values()):
                 if isinstance(module, ModuleType):
@@ -94,66 +93,6 @@ def _concrete_streams(namespace: Dict[str, Any]) -> List[Any]:
         if isinstance(value, stream_type) and not any(value is seen for seen in found):
             found.append(value)
     return found
-
-
-_PER_MODULE_LOADERS = (importlib.machinery.SourceFileLoader, importlib.machinery.SourcelessFileLoader,
-                       importlib.machinery.ExtensionFileLoader)
-
-
-class _AfterImport:
-    """A meta-path finder that calls `on_module(module)` once a module's code has run.
-
-    It finds nothing itself: it asks the finders after it, and on the spec they return
-    wraps that loader instance's ``exec_module`` (the loader's type and identity stay,
-    so resource readers and ``pkg_resources`` providers keep working). Only the file
-    loaders, which path finders make anew for each module, are wrapped; modules other
-    loaders bring in are seen by the scan at install() only.
-    """
-
-    def __init__(self, on_module) -> None:
-        self.on_module = on_module
-        self._busy = threading.local()
-
-    def find_spec(self, name, path, target=None):
-        if _left_alone(name) or getattr(self._busy, "finding", False):
-            return None
-        self._busy.finding = True
-        try:
-            spec = self._spec_from_the_others(name, path, target)
-        finally:
-            self._busy.finding = False
-        loader = getattr(spec, "loader", None)
-        # Only the loaders path finders make anew for each module: a loader shared by
-        # many modules (pytest's rewriting hook, zipimport) is left alone.
-        if type(loader) in _PER_MODULE_LOADERS and "exec_module" not in vars(loader):
-            exec_module = loader.exec_module
-            on_module = self.on_module
-
-            def exec_module_then_look(module):
-                try:
-                    exec_module(module)
-                finally:
-                    del loader.exec_module  # the loader is back to itself
-                try:
-                    on_module(module)
-                except Exception:  # noqa: BLE001 - never fail the user's import
-                    log.debug("looking for module streams in %s failed", name, exc_info=True)
-
-            try:
-                loader.exec_module = exec_module_then_look
-            except (AttributeError, TypeError):
-                pass  # a loader with __slots__: its module is not looked at
-        return spec
-
-    def _spec_from_the_others(self, name, path, target):
-        after = sys.meta_path[sys.meta_path.index(self) + 1:] if self in sys.meta_path else sys.meta_path
-        for finder in after:
-            find_spec = getattr(finder, "find_spec", None)
-            if find_spec is not None:
-                spec = find_spec(name, path, target)
-                if spec is not None:
-                    return spec
-        return None
 
 
 # Triggered by this package itself: it applies at install(), whatever is imported yet.

@@ -17,17 +17,11 @@ patch was on may still be waiting for the GIL).
 from types import ModuleType
 
 from ... import streams
-from ...registry import Patch
-from ..common import thread_adoption
+from ..common.thread_adoption import AdoptionLayerPatch
 
 
-class ThreadCleanupPatch(Patch):
-    def replacements(self):
-        return super().replacements() + thread_adoption.replacements()
-
-    def _apply(self, mlx_core: ModuleType) -> None:
-        thread_adoption.require(mlx_core, self.id)
-        self.originals.on_restore(lambda: thread_adoption.release(self.id))
+class ThreadCleanupPatch(AdoptionLayerPatch):
+    def _apply_with_layer(self, mlx_core: ModuleType) -> None:
         streams.cleanup_enabled = True
         self.originals.on_restore(lambda: setattr(streams, "cleanup_enabled", False))
 

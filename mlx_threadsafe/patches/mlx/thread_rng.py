@@ -15,7 +15,6 @@ from types import ModuleType
 import wrapt
 
 from ... import streams
-from ...registry import Patch
 from ..common import thread_adoption
 
 # The functions that draw from the thread's key. A thread can draw before it first
@@ -33,13 +32,8 @@ def _remember_explicit_seed(wrapped, instance, args, kwargs):
     return wrapped(*args, **kwargs)
 
 
-class ThreadRngPatch(Patch):
-    def replacements(self):
-        return super().replacements() + thread_adoption.replacements()
-
-    def _apply(self, mlx_core: ModuleType) -> None:
-        thread_adoption.require(mlx_core, self.id)
-        self.originals.on_restore(lambda: thread_adoption.release(self.id))
+class ThreadRngPatch(thread_adoption.AdoptionLayerPatch):
+    def _apply_with_layer(self, mlx_core: ModuleType) -> None:
         random = mlx_core.random
         self.originals.set_attribute(random, "seed", wrapt.FunctionWrapper(random.seed, _remember_explicit_seed))
         for name in DRAWING:
