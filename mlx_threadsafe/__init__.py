@@ -10,8 +10,6 @@ imported), and uninstall() puts every original object back.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterable, Optional
-
 from .errors import (
     ConcurrentCollectives,
     ForkedAfterMlxUse,
@@ -23,7 +21,10 @@ from .errors import (
     WrongThread,
 )
 
-if TYPE_CHECKING:  # imported on first use (below): `import mlx_threadsafe` stays cheap
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # imported on first use (below): `import mlx_threadsafe` stays cheap, typing included
+    from typing import Any, Iterable, Optional
+
     from .materialize import materialize
     from .registry import PatchStatus, Registry, State, Status
     from .streams import generation_stream, seed

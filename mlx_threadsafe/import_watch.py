@@ -14,36 +14,40 @@ after that import), and the full install waits until then.
 
 from __future__ import annotations
 
+import _thread
 import importlib.machinery
 import sys
-import threading
-from types import ModuleType
-from typing import Callable, List
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # the start-up hook imports this module: no typing, no threading
+    from types import ModuleType
+    from typing import Callable, List
 
 _PER_MODULE_LOADERS = (importlib.machinery.SourceFileLoader, importlib.machinery.SourcelessFileLoader,
                        importlib.machinery.ExtensionFileLoader)
 
 # Called with each module once its code has run, in the order they were added.
-after_import: List[Callable[[ModuleType], None]] = []
+after_import: "List[Callable[[ModuleType], None]]" = []
 # Called with each module name before the import system looks for it (before any of its
 # code runs): the start-up hook installs there, so that no target is half imported.
-before_import: List[Callable[[str], None]] = []
+before_import: "List[Callable[[str], None]]" = []
 
 
 class _AfterImport:
     def __init__(self) -> None:
-        self._busy = threading.local()
+        self._finding: set = set()  # the threads inside find_spec
 
     def find_spec(self, name, path, target=None):
-        if getattr(self._busy, "finding", False) or not (after_import or before_import):
+        me = _thread.get_ident()
+        if me in self._finding or not (after_import or before_import):
             return None
-        self._busy.finding = True  # imports made from here on (by a callback too) pass straight through
+        self._finding.add(me)  # imports made from here on (by a callback too) pass straight through
         try:
             for callback in list(before_import):
                 callback(name)
             spec = self._spec_from_the_others(name, path, target)
         finally:
-            self._busy.finding = False
+            self._finding.discard(me)
         loader = getattr(spec, "loader", None)
         if type(loader) in _PER_MODULE_LOADERS and "exec_module" not in vars(loader):
             exec_module = loader.exec_module

@@ -75,10 +75,15 @@ def eight_threads_share_a_tokenizer() -> str:
     """The detokenizer race alone: every release has llama (mlx-lm before 0.20.1 has no gemma3)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    models = [_load("llama") for _ in range(2)]
-    serial = [_generate(*models[i % 2], max_tokens=12) for i in range(8)]
+    models = [_load("llama")[:2] for _ in range(2)]
+
+    def generate(i: int) -> str:
+        model, tokenizer = models[i % 2]
+        return _generate(model, tokenizer, max_tokens=12)
+
+    serial = [generate(i) for i in range(8)]
     with ThreadPoolExecutor(8) as pool:
-        threaded = list(pool.map(lambda i: _generate(*models[i % 2], max_tokens=12), range(8)))
+        threaded = list(pool.map(generate, range(8)))
     if threaded != serial:
         raise AssertionError(f"threaded {threaded} != serial {serial}")
     return f"{len(set(serial))} distinct outputs, all equal to serial"

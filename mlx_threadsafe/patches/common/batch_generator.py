@@ -17,7 +17,7 @@ import threading
 import weakref
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import wrapt
 
@@ -216,15 +216,22 @@ def _delete_on_owner(wrapped, instance, args, kwargs):
         owner.worker.submit(wrapped, *args, **kwargs)
 
 
-class BatchGeneratorOwnerPatch(Patch):
-    """Every method of the BatchGenerator class found in `homes` runs on the generator's owner."""
+class _BatchGeneratorPatch(Patch):
+    """A patch of the BatchGenerator class a release keeps in the first of `homes` that has one."""
 
-    def __init__(self, id: str, package: str, homes: Sequence[str]) -> None:
-        super().__init__(id, package, package.replace("-", "_"), f"{homes[0]}.BatchGenerator")
+    def __init__(self, id: str, package: str, homes: Sequence[str], what: str = "") -> None:
+        super().__init__(id, package, package.replace("-", "_"), f"{homes[0]}.BatchGenerator{what}")
         self.homes = list(homes)
 
+    def batch_generator_class(self) -> Any:
+        return find_class(self.homes, "BatchGenerator")
+
+
+class BatchGeneratorOwnerPatch(_BatchGeneratorPatch):
+    """Every method of the BatchGenerator class runs on the generator's owner."""
+
     def _apply(self, module: ModuleType) -> None:
-        cls = find_class(self.homes, "BatchGenerator")
+        cls = self.batch_generator_class()
         self.originals.set_attribute(cls, "__init__", wrapt.FunctionWrapper(cls.__init__, _construct))
         for name, value in list(vars(cls).items()):
             if name.startswith("_") or not callable(value) or name in ("close", "stats"):
@@ -295,15 +302,14 @@ def _sync_only_on_entering_thread(wrapped, instance, args, kwargs):
     return wrapped(*args, **kwargs)
 
 
-class CloseGuardPatch(Patch):
-    """close()/__del__ of the BatchGenerator class found in `homes` never raise off their thread."""
+class CloseGuardPatch(_BatchGeneratorPatch):
+    """close()/__del__ of the BatchGenerator class never raise off their thread."""
 
     def __init__(self, id: str, package: str, homes: Sequence[str]) -> None:
-        super().__init__(id, package, package.replace("-", "_"), f"{homes[0]}.BatchGenerator.close")
-        self.homes = list(homes)
+        super().__init__(id, package, homes, ".close")
 
     def _apply(self, module: ModuleType) -> None:
-        cls = find_class(self.homes, "BatchGenerator")
+        cls = self.batch_generator_class()
         if "close" not in vars(cls):
             raise TargetMissing(f"{cls.__module__}.BatchGenerator has no close()")
         self.originals.set_attribute(cls, "close", wrapt.FunctionWrapper(cls.close, _swallow_foreign_stream))
