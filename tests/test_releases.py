@@ -221,3 +221,18 @@ def test_a_key_captured_beside_a_plain_array_is_left_compiled_as_it_was_with_a_w
     kind, steps, messages = out
     assert kind != "CompiledPerThread" and steps == 2, out
     assert any("step captures mx.random.state in a list beside other values" in m for m in messages), messages
+
+
+@pytest.mark.release
+def test_on_mlx_0_32_1_the_sampler_needs_the_compile_patch_beside_per_thread_seeding():
+    """mlx 0.32.1 resolves a captured random state per thread, yet under mlx.thread_rng alone the
+    sampler froze (the thread is seeded while it traces the sampler): the evidence that keeps
+    mlx.compile.random_state on up to mlx 0.32.3."""
+    python = release_python("mlx-lm==0.20.1", mlx="0.32.1")
+    name = "compiled_sampler_advances_on_worker"
+    assert run_in_subprocess(name, shim=False, python=python).ok
+    without_the_patch = run_in_subprocess(name, shim=True, python=python,
+                                          env={"MLX_THREADSAFE_DISABLE": "mlx.compile.random_state"})
+    assert not without_the_patch.ok and "on all 8 calls" in without_the_patch.detail, without_the_patch.detail
+    outcome = run_in_subprocess(name, shim=True, python=python)
+    assert outcome.ok, outcome.detail
