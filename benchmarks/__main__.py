@@ -209,7 +209,8 @@ def main(argv: List[str] = None) -> int:
     out = args.out or (os.path.join(RESULTS, f"{args.device}.json") if not args.smoke else None)
     if out and args.only and os.path.exists(out):
         with open(out) as previous:
-            results = dict(json.load(previous), **results)
+            # The machine described is the one of the full run; a section re-measured keeps it.
+            results = dict(json.load(previous), **{k: v for k, v in results.items() if k != "environment"})
     if out:
         os.makedirs(os.path.dirname(out), exist_ok=True)
         with open(out, "w") as sink:
