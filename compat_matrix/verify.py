@@ -217,7 +217,13 @@ def unrun_mlx_patches(records: Dict[str, Dict[str, Any]], matrix=None) -> List[s
 def check(records: Dict[str, Dict[str, Any]], matrix_text: Optional[str] = None) -> List[str]:
     """Every disagreement between the runtime matrix and the evidence, as sentences."""
     matrix = registry.load_matrix(matrix_text)
-    problems = unrun_mlx_patches(records, matrix)
+    return unrun_mlx_patches(records, matrix) + check_records(records, matrix)
+
+
+def check_records(records: Dict[str, Dict[str, Any]], matrix=None) -> List[str]:
+    """The disagreements each record shows by itself (the release and mlx it ran on)."""
+    matrix = matrix if matrix is not None else registry.load_matrix()
+    problems = []
     for key, record in records.items():
         if record["state"] != "ran":
             continue
