@@ -101,15 +101,21 @@ _built_here = threading.local()
 def _hand_over_when_thread_ends(instance, owner: Owner) -> None:
     built = getattr(_built_here, "generators", None)
     if built is None:
-        built = _built_here.generators = weakref.WeakKeyDictionary()
+        built = _built_here.generators = []
         streams.at_thread_end(lambda: _hand_over(built))  # False (nothing to do) on the main thread
-    built[instance] = owner
+    # Weak references (a generator need not be hashable); the collected ones are dropped here,
+    # so a thread that builds a generator per request does not grow the list.
+    built[:] = [(ref, known) for ref, known in built if ref() is not None]
+    built.append((weakref.ref(instance), owner))
 
 
-def _hand_over(built: "weakref.WeakKeyDictionary") -> None:
+def _hand_over(built: list) -> None:
     # Runs on the builder as it ends, while its stream still exists: evaluate the lazy
     # state of each generator it still owns, so that a Worker can carry on with it.
-    for instance, owner in list(built.items()):
+    for ref, owner in list(built):
+        instance = ref()
+        if instance is None:
+            continue
         with owner.lock:
             if owner.worker is None:
                 materialize(instance)
