@@ -6,7 +6,7 @@ thread, so every off-thread generation fails without the shim.
 """
 
 import pytest
-from helpers import assert_fixed_by_shim, failure_without_shim, run_json
+from helpers import assert_fixed_by_shim, failure_without_shim, outcome_with_shim, run_json
 from releases import release_python
 
 from mlx_threadsafe.scenarios import run_in_subprocess
@@ -42,7 +42,7 @@ BATCH_SCENARIOS = ["batch_generator_handoff", "batch_generator_shared_by_2_threa
 def test_batch_generator_sharing_fails_without_the_shim_and_passes_with_it(release, name):
     python = release_python(release)
     assert failure_without_shim(name, python) is not None
-    outcome = run_in_subprocess(name, shim=True, python=python)
+    outcome = outcome_with_shim(name, python)
     assert outcome.ok, outcome.detail
 
 

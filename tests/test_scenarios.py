@@ -1,7 +1,7 @@
 """Each cross-thread failure on real MLX (CPU, mlx >= 0.32): fails without the shim, passes with it."""
 
 import pytest
-from helpers import failure_without_shim, run_json
+from helpers import failure_without_shim, outcome_with_shim, run_json
 
 from mlx_threadsafe.scenarios import run_in_subprocess
 
@@ -27,7 +27,7 @@ def test_fails_without_the_shim(name, tiny_models):
 
 @pytest.mark.parametrize("name", PASS_WITH_SHIM)
 def test_passes_with_the_shim(name, tiny_models):
-    outcome = run_in_subprocess(name, shim=True)
+    outcome = outcome_with_shim(name)
     assert outcome.ok, outcome.detail
 
 
