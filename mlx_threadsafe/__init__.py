@@ -21,11 +21,14 @@ from .errors import (
     WrongThread,
 )
 
+# A function of the same name as its module: bound here, or the submodule, once imported,
+# would shadow it as the package attribute.
+from .materialize import materialize
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # imported on first use (below): `import mlx_threadsafe` stays cheap, typing included
     from typing import Any, Iterable, Optional
 
-    from .materialize import materialize
     from .registry import PatchStatus, Registry, State, Status
     from .streams import generation_stream, seed
     from .worker import Worker
@@ -41,7 +44,7 @@ __all__ = [
 
 # Public names whose modules load on first use, and where they live.
 _LAZY = {
-    "Worker": "worker", "materialize": "materialize", "generation_stream": "streams", "seed": "streams",
+    "Worker": "worker", "generation_stream": "streams", "seed": "streams",
     "Status": "registry", "PatchStatus": "registry", "State": "registry",
 }
 

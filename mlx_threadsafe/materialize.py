@@ -9,12 +9,12 @@ and never evaluates LoRA adapters.
 
 from __future__ import annotations
 
-import logging
 import sys
 import types
-from typing import Any, List
 
-log = logging.getLogger("mlx_threadsafe")
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # `import mlx_threadsafe` loads this module: no typing at start-up
+    from typing import Any, List
 
 _LEAF_TYPES = (str, bytes, int, float, complex, bool, type(None), types.ModuleType, type,
                types.FunctionType, types.BuiltinFunctionType, types.MethodType)
@@ -65,7 +65,9 @@ def hand_over(value: Any) -> Any:
     try:
         materialize(value)
     except RuntimeError as error:
-        log.debug("result handed over lazy: %s", error)
+        import logging
+
+        logging.getLogger("mlx_threadsafe").debug("result handed over lazy: %s", error)
     return value
 
 
