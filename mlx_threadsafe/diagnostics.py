@@ -82,10 +82,10 @@ def explain(error: BaseException) -> BaseException:
 # ------------------------------------------------------------------ fork
 
 _mlx_used_in_parent = False
-_refusing = False
 _fork_hook_registered = False
-# The array methods that read values; each would hang in a forked child.
-VALUE_READERS = ("item", "tolist", "__array__", "__float__", "__int__", "__bool__", "__index__", "__repr__")
+# The array methods that read values; each would hang in a forked child. __repr__ is left
+# alone: printing an array in a traceback must not raise a second time.
+VALUE_READERS = ("item", "tolist", "__array__", "__float__", "__int__", "__bool__", "__index__")
 MLX_SUBMODULES = ("random", "linalg", "fft", "fast", "distributed", "metal", "cuda")
 
 
@@ -111,8 +111,6 @@ def _after_fork_in_child() -> None:
 
 def refuse_mlx_here() -> None:
     """Make every mlx.core function and array value reader raise ForkedAfterMlxUse in this process."""
-    global _refusing
-    _refusing = True
     mx = sys.modules["mlx.core"]
     namespaces = [mx] + [getattr(mx, name) for name in MLX_SUBMODULES if hasattr(mx, name)]
     for namespace in namespaces:
@@ -120,16 +118,10 @@ def refuse_mlx_here() -> None:
             if callable(value) and not isinstance(value, type) and not name.startswith("__"):
                 setattr(namespace, name, _refuser(f"{getattr(namespace, '__name__', 'mlx.core')}.{name}"))
     for name in VALUE_READERS:
-        if name == "__repr__":
-            continue  # printing an array in a traceback must not raise a second time
         try:
             setattr(mx.array, name, _refuser(f"mlx.core.array.{name}"))
         except (AttributeError, TypeError):
             pass
-
-
-def forked_after_mlx_use() -> bool:
-    return _refusing
 
 
 def fork_error(what: str) -> ForkedAfterMlxUse:
