@@ -1,12 +1,21 @@
 """Adopt a thread into the shim the first time it evaluates MLX work.
 
 Both mlx.thread_cleanup and mlx.thread_rng need threads adopted; they share one
-wrapper layer on ``mx.eval`` / ``mx.async_eval`` (each layer costs about a microsecond
-per call, and generation calls them for every token). The same layer explains MLX's
-thread errors that pass through it (at no cost to a call that does not fail), records
-which thread made each ``mx.new_stream``, and arms the fork guard.
+wrapper layer on ``mx.eval``. Adoption is once per thread, so the layer sits on calls
+that happen once per request, never on one that happens once per token:
+``mx.async_eval`` (one call per generated token in mlx-lm and mlx-vlm) is left as MLX
+made it. A thread is adopted by whichever comes first: its first ``mx.eval`` (mlx-lm's
+``generate_step`` makes one at its first token, ``BatchGenerator.next`` at every step),
+its first random draw or seed (mlx.thread_rng), its first ``mx.new_stream`` or
+shim-made generation stream, or its first call into a Worker or a BatchGenerator.
+
+The same layer explains MLX's thread errors that pass through ``mx.eval`` (at no cost
+to a call that does not fail) and those that end a thread or the program unhandled
+(``threading.excepthook`` / ``sys.excepthook``, which catch ``async_eval``, ``item()``
+and the rest); records which thread made each ``mx.new_stream``; and arms the fork guard.
 """
 
+import sys
 import threading
 from typing import Any, Dict, Tuple
 
@@ -37,6 +46,14 @@ def adopt_then_call(wrapped, instance, args, kwargs):
         raise
 
 
+def _record_new_stream(wrapped, instance, args, kwargs):
+    if getattr(_local, "end", None) is None:
+        adopt_current_thread()
+    stream = wrapped(*args, **kwargs)
+    diagnostics.record_stream(stream)
+    return stream
+
+
 def adopt_then_eval(wrapped, instance, args, kwargs):
     result = adopt_then_call(wrapped, instance, args, kwargs)
     if pending_collectives:  # the one check the single-thread path pays
@@ -52,25 +69,26 @@ def settle_collectives_of_this_thread() -> None:
             del pending_collectives[key]
 
 
-def _record_new_stream(wrapped, instance, args, kwargs):
-    stream = wrapped(*args, **kwargs)
-    diagnostics.record_stream(stream)
-    return stream
+def _explain_then_report(wrapped, instance, args, kwargs):
+    # threading.excepthook(args) / sys.excepthook(type, value, traceback): the note goes
+    # on before the report prints, on the thread error however it escaped.
+    diagnostics.explain(args[0].exc_value if len(args) == 1 else args[1])
+    return wrapped(*args, **kwargs)
 
 
 def require(mlx_core, user: str) -> None:
-    """Wrap eval/async_eval for `user` (a patch id); the first user puts the layer on."""
+    """Put the layer on for `user` (a patch id); the first user puts it on."""
     if not _users:
-        for name, wrapper in (("eval", adopt_then_eval), ("async_eval", adopt_then_call)):
+        for name, wrapper in (("eval", adopt_then_eval), ("new_stream", _record_new_stream)):
             _originals.set_attribute(mlx_core, name, wrapt.FunctionWrapper(module_attribute("mlx.core", name), wrapper))
-        _originals.set_attribute(mlx_core, "new_stream",
-                                 wrapt.FunctionWrapper(module_attribute("mlx.core", "new_stream"), _record_new_stream))
+        for owner in (threading, sys):
+            _originals.set_attribute(owner, "excepthook", wrapt.FunctionWrapper(owner.excepthook, _explain_then_report))
         diagnostics.watch_forks()
     _users.add(user)
 
 
 def replacements():
-    """What the shared layer replaced (mx.eval, mx.async_eval), while it is on."""
+    """What the shared layer replaced (mx.eval, mx.new_stream, the excepthooks), while it is on."""
     return list(_originals.records)
 
 
