@@ -1,9 +1,12 @@
 """One measurement per call, in a fresh process so patched and unpatched runs never mix:
 
-    python -m benchmarks.measure SECTION --model NAME [--shim] [--device cpu|gpu] [--smoke]
+    python -m benchmarks.measure SECTION --model NAME [--shim] [--device cpu|gpu] [--smoke] [--own-model]
 
 prints one JSON line. The driver (`python -m benchmarks`) interleaves the patched and
-unpatched processes and turns their numbers into ratios.
+unpatched processes and turns their numbers into ratios. Sections that compare two ways
+of using the shim (shared_model: threads or a batch; handover: a generator driven on its
+building thread or moved to a Worker) alternate them within one process, as generation
+does; thread_churn compares processes without and with the shim.
 """
 
 from __future__ import annotations
@@ -257,6 +260,311 @@ def _concurrent_run(path: str, k: int, mode: str, tokens: int, requests: int) ->
             "latency_max_ms": max(latencies) * 1e3}
 
 
+# ------------------------------------------------------------------ the device, named
+
+
+def measured_on(device: str) -> Dict[str, Any]:
+    """What ran a section: the device's own name (``mx.device_info``), the versions, the CPUs.
+
+    Stored with each section that may be re-measured alone (``--only``) on another machine
+    than the full run's, so the report can name the device of every figure.
+    """
+    import platform
+
+    import mlx.core as mx
+
+    from mlx_threadsafe import versions
+
+    try:
+        name = str(mx.device_info(mx.gpu if device == "gpu" else mx.cpu).get("device_name", ""))
+    except Exception:  # noqa: BLE001 - an mlx without device_info
+        name = ""
+    return {"device_name": name or device, "describe": versions.detect().describe(),
+            "python": platform.python_version(), "cpus": os.cpu_count()}
+
+
+# ------------------------------------------------------------------ one model shared: threads or a batch
+
+
+def request_prompt(index: int) -> List[int]:
+    """Request `index`'s prompt: its own tokens and one of four lengths (6-9), so a batch pads."""
+    return [5 + (index * 7 + j) % 280 for j in range(6 + index % 4)]
+
+
+def _greedy_tokens(model, prompt: List[int], tokens: int) -> List[int]:
+    """Exactly `tokens` greedy tokens of one request (generate_step: no early stop at EOS)."""
+    import mlx.core as mx
+    from mlx_lm.generate import generate_step
+
+    return [int(token) for token, _ in generate_step(mx.array(prompt), model, max_tokens=tokens)]
+
+
+def _serial_requests(model, prompts: List[List[int]], tokens: int) -> Dict[str, Any]:
+    start = time.perf_counter()
+    outputs, finished = [], []
+    for prompt in prompts:
+        outputs.append(_greedy_tokens(model, prompt, tokens))
+        finished.append(time.perf_counter() - start)
+    return {"outputs": outputs, "finished": finished, "errors": []}
+
+
+def _threaded_requests(model, prompts: List[List[int]], tokens: int) -> Dict[str, Any]:
+    """One thread per request, all on the one model, released together."""
+    n = len(prompts)
+    outputs: List[Any] = [None] * n
+    finished = [0.0] * n
+    errors: List[str] = []
+    gate = threading.Barrier(n + 1)
+    start = 0.0
+
+    def serve(index: int) -> None:
+        gate.wait()
+        try:
+            outputs[index] = _greedy_tokens(model, prompts[index], tokens)
+        except Exception as error:  # noqa: BLE001 - recorded: a failed request is no sample
+            errors.append(repr(error)[:300])
+        finished[index] = time.perf_counter() - start
+
+    threads = [threading.Thread(target=serve, args=(i,), name=f"request-{i}") for i in range(n)]
+    for thread in threads:
+        thread.start()
+    start = time.perf_counter()
+    gate.wait()
+    for thread in threads:
+        thread.join()
+    return {"outputs": outputs, "finished": finished, "errors": errors}
+
+
+def _next_responses(generator) -> tuple:
+    """(prompt responses, generation responses) of one next(), whatever the release returns."""
+    result = generator.next()
+    return tuple(result) if isinstance(result, tuple) else ([], result)
+
+
+def _batched_requests(model, prompts: List[List[int]], tokens: int) -> Dict[str, Any]:
+    """One BatchGenerator holding every request, driven by this thread (built before the clock starts)."""
+    from mlx_lm.generate import BatchGenerator
+
+    generator = BatchGenerator(model, max_tokens=tokens)
+    start = time.perf_counter()
+    uids = generator.insert(prompts, max_tokens=[tokens] * len(prompts))
+    got: Dict[int, List[int]] = {uid: [] for uid in uids}
+    done: Dict[int, float] = {}
+    while True:
+        prompt_responses, responses = _next_responses(generator)
+        for response in responses:
+            got[response.uid].append(int(response.token))
+            if response.finish_reason is not None:
+                done[response.uid] = time.perf_counter() - start
+        if not prompt_responses and not responses:
+            break
+    generator.close()
+    return {"outputs": [got[uid] for uid in uids], "finished": [done.get(uid, float("nan")) for uid in uids],
+            "errors": []}
+
+
+_SHARED_MODES = {"serial": _serial_requests, "threads": _threaded_requests, "batch": _batched_requests}
+
+
+def shared_model(path: str, smoke: bool, device: str) -> Dict[str, Any]:
+    """N requests on one model: one at a time, N threads (the shim installed), or one BatchGenerator.
+
+    One process, the shim installed for every mode (that is the application's choice
+    being measured: thread or batch, not shim or none); rounds alternate the order of
+    the modes (ABBA). Latency is from the burst's start (every request arrives at once)
+    to the request's last token. Outputs are compared with the first serial round's.
+    """
+    ns = (1, 2) if smoke else (1, 2, 4, 8)
+    tokens = 8 if smoke else (128 if device == "gpu" else 64)
+    rounds = 1 if smoke else 2
+    model, _ = _load(path)
+    prompts = [request_prompt(i) for i in range(max(ns))]
+    _batched_requests(model, prompts[:2], 2)  # warm-up: compile caches, allocator
+    _threaded_requests(model, prompts[:2], 2)
+    reference = _serial_requests(model, prompts, tokens)["outputs"]
+    runs: Dict[str, List[Dict[str, Any]]] = {}
+    for round_index in range(rounds):
+        order = list(_SHARED_MODES) if round_index % 2 == 0 else list(reversed(_SHARED_MODES))
+        for n in ns:
+            for mode in order:
+                run = _SHARED_MODES[mode](model, prompts[:n], tokens)
+                wall = max(run["finished"])
+                equal = [got == want for got, want in zip(run["outputs"], reference)]
+                runs.setdefault(f"{mode}/N={n}", []).append({
+                    "tokens_per_s": n * tokens / wall, "latency_p50_ms": statistics.median(run["finished"]) * 1e3,
+                    "latency_max_ms": wall * 1e3, "equal": sum(equal), "errors": run["errors"]})
+    results: Dict[str, Any] = {"tokens": tokens, "rounds": rounds, "ns": list(ns)}
+    for key, samples in runs.items():
+        n = int(key.split("=")[1])
+        results[key] = {
+            "tokens_per_s": statistics.median(s["tokens_per_s"] for s in samples),
+            "latency_p50_ms": statistics.median(s["latency_p50_ms"] for s in samples),
+            "latency_max_ms": statistics.median(s["latency_max_ms"] for s in samples),
+            "equal_to_serial": all(s["equal"] == n for s in samples),
+            "requests_equal_to_serial": min(s["equal"] for s in samples),
+            "errors": [e for s in samples for e in s["errors"]][:5],
+            "samples_tokens_per_s": [s["tokens_per_s"] for s in samples]}
+    return results
+
+
+# ------------------------------------------------------------------ a BatchGenerator handed to a Worker
+
+
+def handover(path: str, smoke: bool) -> Dict[str, Any]:
+    """µs per next() of a BatchGenerator driven on its building thread, and from another thread.
+
+    Built on the main thread and first called from another thread, the generator moves
+    to a dedicated Worker (the shim's owner patch): every next() hops there and back and
+    its responses are evaluated on the worker (``hand_over``). One process, the two ways
+    alternated (ABBA), each with a fresh generator; the first next() (prompt processing,
+    and the move) is timed on its own and left out of the per-call figure.
+    """
+    from mlx_lm.generate import BatchGenerator
+
+    import mlx_threadsafe.patches.common.batch_generator as owner_patch
+
+    sequences = 4
+    tokens, rounds = (8, 2) if smoke else (64, 8)
+    model, _ = _load(path)
+    prompts = [request_prompt(i) for i in range(sequences)]
+
+    def drive(generator, box: Dict[str, Any]) -> None:
+        times, outputs = [], {}
+        while True:
+            start = time.perf_counter()
+            prompt_responses, responses = _next_responses(generator)
+            times.append(time.perf_counter() - start)
+            for response in responses:
+                outputs.setdefault(response.uid, []).append(int(response.token))
+            if not prompt_responses and not responses:
+                break
+        box.update(times=times, outputs=outputs)
+
+    def one(way: str) -> Dict[str, Any]:
+        generator = BatchGenerator(model, max_tokens=tokens)
+        generator.insert(prompts, max_tokens=[tokens] * sequences)
+        box: Dict[str, Any] = {}
+        if way == "direct":
+            drive(generator, box)
+        else:
+            driver = threading.Thread(target=drive, args=(generator, box), name="driver")
+            driver.start()
+            driver.join()
+        owner = vars(generator).get(owner_patch.OWNER)
+        box["on_worker"] = owner is not None and owner.worker is not None
+        generator.close()
+        return box
+
+    one("direct"), one("worker")  # warm-up
+    samples: Dict[str, List[Dict[str, Any]]] = {"direct": [], "worker": []}
+    for round_index in range(rounds):
+        for way in ("direct", "worker") if round_index % 2 == 0 else ("worker", "direct"):
+            samples[way].append(one(way))
+    results: Dict[str, Any] = {"sequences": sequences, "tokens": tokens, "rounds": rounds}
+    for way, boxes in samples.items():
+        per_call = [statistics.mean(b["times"][1:]) * 1e6 for b in boxes]
+        results[way] = {"us_per_next": statistics.median(per_call), "samples_us_per_next": per_call,
+                        "first_next_us": statistics.median(b["times"][0] * 1e6 for b in boxes),
+                        "calls": len(boxes[0]["times"]), "on_worker": all(b["on_worker"] for b in boxes)}
+    results["ratio"] = statistics.median(w / d for d, w in zip(results["direct"]["samples_us_per_next"],
+                                                                results["worker"]["samples_us_per_next"]))
+    results["outputs_equal"] = all(b["outputs"] == samples["direct"][0]["outputs"]
+                                   for boxes in samples.values() for b in boxes)
+    return results
+
+
+# ------------------------------------------------------------------ memory kept per ended thread
+
+
+def rss_kb() -> tuple:
+    """(resident set size in KB, where it was read): /proc/self/statm, psutil, else the peak."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1024, "statm"
+    except (OSError, ValueError):
+        pass
+    try:
+        import psutil  # type: ignore[import-not-found]
+
+        return psutil.Process().memory_info().rss / 1024, "psutil"
+    except ImportError:
+        pass
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return (peak / 1024 if sys.platform == "darwin" else float(peak)), "ru_maxrss (peak)"
+
+
+def _os_thread_gone(native_id: int, timeout: float = 1.0) -> None:
+    """Wait until the OS thread has exited (its thread-local destructors run after join())."""
+    task = f"/proc/self/task/{native_id}"
+    deadline = time.monotonic() + timeout
+    while os.path.exists(task) and time.monotonic() < deadline:
+        time.sleep(0.0005)
+
+
+def thread_churn(path: str, smoke: bool, own_model: bool) -> Dict[str, Any]:
+    """RSS growth per short-lived thread: warm up, read RSS, run threads one after another, read again.
+
+    Two kinds of thread, each started, joined and gone before the next: one evaluates a
+    small array; one runs ``mlx_lm.generate`` (4 tokens) on the process's model, or on a
+    model it loads itself (`own_model`, or when a warm-up thread fails on the shared one:
+    that side then records why). A thread that raises is counted as an error, not a sample.
+    """
+    import gc
+
+    import mlx.core as mx
+    from mlx_lm import generate
+
+    warm, count = (5, 10) if smoke else (20, 200)
+    model, tokenizer = _load(path)
+    _decode(model, 4)
+    mode = {"model": "loaded per thread" if own_model else "shared", "probe_error": None}
+
+    def evaluate() -> None:
+        mx.eval(mx.ones((16, 16)) @ mx.ones((16, 16)))
+
+    def run_generate() -> None:
+        m, t = _load(path) if mode["model"] != "shared" else (model, tokenizer)
+        generate(m, t, prompt=PROMPT, max_tokens=4)
+
+    def run(body, threads: int, errors: List[str]) -> None:
+        def target() -> None:
+            try:
+                body()
+            except Exception as error:  # noqa: BLE001 - recorded: a failed thread is no sample
+                errors.append(repr(error)[:300])
+
+        for index in range(threads):
+            thread = threading.Thread(target=target, name=f"churn-{index}")
+            thread.start()
+            thread.join()
+            if thread.native_id is not None:
+                _os_thread_gone(thread.native_id)
+
+    def settled_rss() -> float:
+        gc.collect()
+        return rss_kb()[0]
+
+    results: Dict[str, Any] = {"threads": count, "warm_up_threads": warm, "rss_source": rss_kb()[1]}
+    for kind, body in (("eval", evaluate), ("generate", run_generate)):
+        errors: List[str] = []
+        run(body, warm, errors)
+        if errors and kind == "generate" and mode["model"] == "shared":
+            # this side cannot share the model across threads: each thread loads its own
+            mode.update(model="loaded per thread", probe_error=errors[0])
+            errors = []
+            run(body, warm, errors)
+        before = settled_rss()
+        errors = []
+        run(body, count, errors)
+        after = settled_rss()
+        results[kind] = {"kb_per_thread": (after - before) / count, "rss_before_kb": before,
+                         "rss_after_kb": after, "error_count": len(errors), "errors": errors[:5]}
+    results["generate"].update(mode)
+    return results
+
+
 def main(argv: List[str]) -> int:
     section = argv[0]
     flags = set(a for a in argv[1:] if a.startswith("--"))
@@ -283,8 +591,17 @@ def main(argv: List[str]) -> int:
         result = materialize_cost(model_dir(values["--model"], device))
     elif section == "concurrency":
         result = concurrency(model_dir(values["--model"], device), shim, smoke, device)
+    elif section == "shared_model":
+        result = dict(shared_model(model_dir(values["--model"], device), smoke, device), model=values["--model"])
+    elif section == "handover":
+        result = dict(handover(model_dir(values["--model"], device), smoke), model=values["--model"])
+    elif section == "thread_churn":
+        result = dict(thread_churn(model_dir(values["--model"], device), smoke, "--own-model" in flags),
+                      shim=shim, model=values["--model"])
     else:
         raise SystemExit(f"unknown section {section!r}")
+    if section in ("shared_model", "handover", "thread_churn"):
+        result["measured_on"] = measured_on(device)
     print(json.dumps(result))
     return 0
 
