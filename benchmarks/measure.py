@@ -516,7 +516,7 @@ def thread_churn(path: str, smoke: bool, own_model: bool) -> Dict[str, Any]:
     import mlx.core as mx
     from mlx_lm import generate
 
-    warm, count = (5, 10) if smoke else (20, 200)
+    warm, count = (20, 10) if smoke else (20, 200)
     model, tokenizer = _load(path)
     _decode(model, 4)
     mode = {"model": "loaded per thread" if own_model else "shared", "probe_error": None}
