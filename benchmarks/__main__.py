@@ -404,7 +404,7 @@ def check_smoke(results: Dict[str, Any], render: bool = True) -> None:
         raise SystemExit("benchmarks smoke check failed:\n  " + "\n  ".join(problems))
 
 
-def main(argv: List[str] = None) -> int:
+def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes; only checks that everything runs")

@@ -429,7 +429,8 @@ def handover(path: str, smoke: bool) -> Dict[str, Any]:
     prompts = [request_prompt(i) for i in range(sequences)]
 
     def drive(generator, box: Dict[str, Any]) -> None:
-        times, outputs = [], {}
+        times: List[float] = []
+        outputs: Dict[int, List[int]] = {}
         while True:
             start = time.perf_counter()
             prompt_responses, responses = _next_responses(generator)
@@ -484,7 +485,7 @@ def rss_kb() -> tuple:
     except (OSError, ValueError):
         pass
     try:
-        import psutil  # type: ignore[import-not-found]
+        import psutil
 
         return psutil.Process().memory_info().rss / 1024, "psutil"
     except ImportError:
