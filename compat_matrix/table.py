@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, Dict, List
+import shutil
+from typing import Any, Dict, List, Optional, Tuple
 
-from .verify import HERE, RELEASES, SCENARIOS_BY_PACKAGE
+from .verify import HERE, RELEASES, SCENARIOS_BY_PACKAGE, backend_of, cpu_record
 
 ROOT = os.path.dirname(HERE)
 MARKERS = ("<!-- matrix-summary:start -->", "<!-- matrix-summary:end -->")
@@ -20,10 +21,89 @@ def full_table(records: Dict[str, Dict[str, Any]]) -> str:
              "ok: passes either way; n/a: the release lacks what the scenario exercises; broken: fails the same "
              "way with and without the shim for a reason that is not about threads (the release does not run "
              "on that mlx), shown in results/evidence.json.", ""]
+    cpu = [r for r in records.values() if backend_of(r) == "cpu"]
     for package, scenarios in SCENARIOS_BY_PACKAGE.items():
-        lines += _package_table(package, scenarios, [r for r in records.values() if r["package"] == package])
+        lines += _package_table(package, scenarios, [r for r in cpu if r["package"] == package])
+    lines += gpu_section(records)
     lines += _not_run_reasons(records)
     return "\n".join(lines) + "\n"
+
+
+GPU_RUN = "`compat_matrix/gpu_run.sh`"
+NO_GPU_EVIDENCE = (f"No GPU evidence yet: every record above ran on mlx for the CPU. {GPU_RUN} runs the CI subset on "
+                   "a CUDA machine (`verify --site-dirs`; compat_matrix/README.md).")
+
+
+def _gpu_groups(records: Dict[str, Dict[str, Any]]) -> List[Tuple[Tuple[str, str], List[Dict[str, Any]]]]:
+    """The records of other backends than the CPU, by (device, backend), in evidence order."""
+    groups: Dict[Tuple[str, str], List[Dict[str, Any]]] = {}
+    for record in records.values():
+        if backend_of(record) != "cpu":
+            groups.setdefault((record.get("device") or "device not recorded", backend_of(record)), []).append(record)
+    return sorted(groups.items())
+
+
+def _mlx_releases(group: List[Dict[str, Any]]) -> str:
+    return ", ".join(dict.fromkeys(r["mlx"] for r in group))
+
+
+def gpu_section(records: Dict[str, Dict[str, Any]]) -> List[str]:
+    """Every GPU pair, cell by cell, under the device it ran on; each compared with its CPU record."""
+    lines = ["## GPU", ""]
+    groups = _gpu_groups(records)
+    if not groups:
+        return lines + [NO_GPU_EVIDENCE, ""]
+    lines += [f"Run with {GPU_RUN} (`python -m compat_matrix verify --site-dirs`): each release installed with "
+              "`pip install --no-deps --target`, with the pins it needs, next to the machine's own packages and mlx "
+              "for the GPU; each side in one fresh process, as above. Cells as above; the last column compares each "
+              "verdict with the CPU record of the same release and mlx.", ""]
+    for (device, backend), group in groups:
+        lines += [f"### {device}: mlx {_mlx_releases(group)} ({backend})", ""]
+        for package, scenarios in SCENARIOS_BY_PACKAGE.items():
+            rows = [r for r in group if r["package"] == package]
+            if rows:
+                lines += _gpu_package_table(package, scenarios, rows, records)
+    return lines
+
+
+def _installed(record: Dict[str, Any]) -> str:
+    installed = record.get("installed", {})
+    return ", ".join(f"{name} {installed[name]}" for name in ("transformers", "huggingface_hub", "numpy")
+                     if name in installed) or "not recorded"
+
+
+def _against_cpu(record: Dict[str, Any], cpu: Optional[Dict[str, Any]], scenarios: List[str]) -> str:
+    if cpu is None:
+        return "no CPU record"
+    if record["state"] != "ran" or cpu["state"] != "ran":
+        return "same" if record["state"] == cpu["state"] else f"CPU: {cpu['state']}"
+    differ = []
+    for i, name in enumerate(scenarios):
+        mine, theirs = record["scenarios"].get(name), cpu["scenarios"].get(name)
+        if mine and theirs and mine["verdict"] != theirs["verdict"]:
+            differ.append(f"S{i + 1} {CELL[theirs['verdict']]} on the CPU")
+        elif bool(mine) != bool(theirs):
+            differ.append(f"S{i + 1} {'not run on the CPU' if mine else 'not run here'}")
+    return "; ".join(differ) or "same"
+
+
+def _gpu_package_table(package: str, scenarios: List[str], group: List[Dict[str, Any]],
+                       records: Dict[str, Dict[str, Any]]) -> List[str]:
+    lines = [f"#### {package}", "",
+             "| release | mlx | installed | patches applied | "
+             + " | ".join(f"S{i + 1}" for i in range(len(scenarios))) + " | verdicts against the CPU |",
+             "|---|---|---|---|" + "---|" * len(scenarios) + "---|"]
+    for record in group:
+        head = f"| {record['package']} {record['release']} | {record['mlx']} | {_installed(record)} |"
+        against = _against_cpu(record, cpu_record(records, record), scenarios)
+        if record["state"] != "ran":
+            reason = record["reason"][:160].replace("|", "\\|")
+            lines.append(f"{head} cannot run: {reason} |" + " |" * len(scenarios) + f" {against} |")
+            continue
+        cells = [CELL[record["scenarios"][name]["verdict"]] if name in record["scenarios"] else ""
+                 for name in scenarios]
+        lines.append(f"{head} {', '.join(record['applied']) or 'none'} | " + " | ".join(cells) + f" | {against} |")
+    return lines + [""]
 
 
 def _not_run_reasons(records: Dict[str, Dict[str, Any]]) -> List[str]:
@@ -31,6 +111,8 @@ def _not_run_reasons(records: Dict[str, Dict[str, Any]]) -> List[str]:
     groups: Dict[tuple, List[str]] = {}
     for record in records.values():
         where = f"{record['release']}@{record['mlx']}"
+        if backend_of(record) != "cpu":
+            where += f"+{backend_of(record)}"
         if record["state"] != "ran":
             groups.setdefault((record["package"], "(all)", "cannot run", record["reason"][:200]), []).append(where)
             continue
@@ -43,9 +125,9 @@ def _not_run_reasons(records: Dict[str, Dict[str, Any]]) -> List[str]:
         return []
     lines = ["## Cells not run, and why", "",
              "| package | scenario | verdict | reason | releases (@mlx) |", "|---|---|---|---|---|"]
-    for (package, name, verdict_, reason), where in sorted(groups.items()):
+    for (package, name, verdict_, reason), wheres in sorted(groups.items()):
         reason = reason.replace("|", "\\|").replace("\n", " ")
-        lines.append(f"| {package} | {name} | {verdict_} | {reason} | {', '.join(where)} |")
+        lines.append(f"| {package} | {name} | {verdict_} | {reason} | {', '.join(wheres)} |")
     for releases, reason in RELEASES.get("not-run", {}).items():
         lines.append(f"| {releases.split('<')[0].split('=')[0]} | (all) | not in the matrix | {reason} | {releases} |")
     return lines + [""]
@@ -68,8 +150,41 @@ def _package_table(package: str, scenarios: List[str], records: List[Dict[str, A
 
 
 def summary(records: Dict[str, Dict[str, Any]]) -> str:
+    """The CPU records by package and mlx, then each GPU pair under its device."""
+    return _cpu_summary(records) + "\n\n" + "\n".join(gpu_summary(records))
+
+
+VERDICT_COLUMNS = ("fixed", "not-needed", "n/a", "broken", "FAILS")
+
+
+def gpu_summary(records: Dict[str, Dict[str, Any]]) -> List[str]:
+    groups = _gpu_groups(records)
+    if not groups:
+        return [f"On the GPU: no evidence yet ({GPU_RUN} runs the CI subset on a CUDA machine)."]
+    lines: List[str] = []
+    for (device, backend), group in groups:
+        lines += ([""] if lines else []) + [
+            f"On the GPU: {device}, mlx {_mlx_releases(group)} ({backend}), {GPU_RUN}:", "",
+            "| package | release | mlx | scenarios fixed by the shim | not needed | n/a | broken either way | "
+            "fail with the shim | verdicts against the CPU |", "|---|---|---|---|---|---|---|---|---|"]
+        for record in group:
+            scenarios = SCENARIOS_BY_PACKAGE[record["package"]]
+            against = _against_cpu(record, cpu_record(records, record), scenarios)
+            if record["state"] != "ran":
+                cells = ["cannot run"] + [""] * (len(VERDICT_COLUMNS) - 1)
+            else:
+                verdicts = [s["verdict"] for s in record["scenarios"].values()]
+                cells = [str(verdicts.count(v)) for v in VERDICT_COLUMNS]
+            lines.append(f"| {record['package']} | {record['release']} | {record['mlx']} | "
+                         + " | ".join(cells) + f" | {against} |")
+    return lines
+
+
+def _cpu_summary(records: Dict[str, Dict[str, Any]]) -> str:
     groups: Dict[tuple, List[Dict[str, Any]]] = {}
     for record in records.values():
+        if backend_of(record) != "cpu":
+            continue
         groups.setdefault((record["package"], record["mlx"]), []).append(record)
     lines = ["| package | mlx | releases run | cannot install | scenarios fixed by the shim | not needed | "
              "broken either way | fail with the shim |", "|---|---|---|---|---|---|---|---|"]
@@ -82,15 +197,22 @@ def summary(records: Dict[str, Dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def write(records: Dict[str, Dict[str, Any]]) -> None:
-    with open(os.path.join(HERE, "MATRIX.md"), "w") as sink:
+def write(records: Dict[str, Dict[str, Any]], out_dir: Optional[str] = None) -> None:
+    """MATRIX.md and the README summary; with `out_dir`, copies there instead (the repository untouched)."""
+    matrix = os.path.join(out_dir or HERE, "MATRIX.md")
+    readme: Optional[str] = None
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        readme = os.path.join(out_dir, "README.md")
+        shutil.copyfile(os.path.join(ROOT, "README.md"), readme)
+    with open(matrix, "w") as sink:
         sink.write(full_table(records))
-    write_readme_block(MARKERS, summary(records))
+    write_readme_block(MARKERS, summary(records), readme)
 
 
-def write_readme_block(markers, content: str) -> None:
+def write_readme_block(markers, content: str, readme: Optional[str] = None) -> None:
     """Replace what the README holds between the two marker lines (if it has them) with `content`."""
-    readme = os.path.join(ROOT, "README.md")
+    readme = readme or os.path.join(ROOT, "README.md")
     with open(readme) as source:
         text = source.read()
     if markers[0] in text:
