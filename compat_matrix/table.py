@@ -72,7 +72,9 @@ def _installed(record: Dict[str, Any]) -> str:
                      if name in installed) or "not recorded"
 
 
-def _against_cpu(record: Dict[str, Any], cpu: Optional[Dict[str, Any]], scenarios: List[str]) -> str:
+def _against_cpu(record: Dict[str, Any], cpu: Optional[Dict[str, Any]], scenarios: List[str],
+                 by_name: bool = False) -> str:
+    """'same', or each scenario (S<n>, or its name) whose verdict on the CPU differs, with that verdict."""
     if cpu is None:
         return "no CPU record"
     if record["state"] != "ran" or cpu["state"] != "ran":
@@ -80,10 +82,11 @@ def _against_cpu(record: Dict[str, Any], cpu: Optional[Dict[str, Any]], scenario
     differ = []
     for i, name in enumerate(scenarios):
         mine, theirs = record["scenarios"].get(name), cpu["scenarios"].get(name)
+        label = f"`{name}`" if by_name else f"S{i + 1}"
         if mine and theirs and mine["verdict"] != theirs["verdict"]:
-            differ.append(f"S{i + 1} {CELL[theirs['verdict']]} on the CPU")
+            differ.append(f"{label} {CELL[theirs['verdict']]} on the CPU")
         elif bool(mine) != bool(theirs):
-            differ.append(f"S{i + 1} {'not run on the CPU' if mine else 'not run here'}")
+            differ.append(f"{label} {'not run on the CPU' if mine else 'not run here'}")
     return "; ".join(differ) or "same"
 
 
@@ -169,7 +172,7 @@ def gpu_summary(records: Dict[str, Dict[str, Any]]) -> List[str]:
             "fail with the shim | verdicts against the CPU |", "|---|---|---|---|---|---|---|---|---|"]
         for record in group:
             scenarios = SCENARIOS_BY_PACKAGE[record["package"]]
-            against = _against_cpu(record, cpu_record(records, record), scenarios)
+            against = _against_cpu(record, cpu_record(records, record), scenarios, by_name=True)
             if record["state"] != "ran":
                 cells = ["cannot run"] + [""] * (len(VERDICT_COLUMNS) - 1)
             else:
