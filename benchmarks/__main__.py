@@ -140,9 +140,9 @@ def _ratio_rows(results: Dict[str, Any]) -> List[str]:
     for model, g in results["generation"].items():
         pairs = sorted(p / u for u, p in zip(g["samples"]["unpatched"], g["samples"]["patched"]))
         low, high = pairs[len(pairs) // 4], pairs[(3 * len(pairs)) // 4]
-        verdict = "met" if g["ratio"] >= 0.98 else ("not resolved: the spread spans 1.0" if high >= 1.0 else "missed")
+        verdict = "met" if g["ratio"] >= 0.99 else ("not resolved: the spread spans 1.0" if high >= 1.0 else "missed")
         rows.append(f"| single-thread generation, {model} model | patched / unpatched tokens/s, median of "
-                    f"{len(pairs)} pairs | {g['ratio']:.3f} (quartiles {low:.3f}–{high:.3f}) | ≥ 0.98 | {verdict} |")
+                    f"{len(pairs)} pairs | {g['ratio']:.3f} (quartiles {low:.3f}–{high:.3f}) | ≥ 0.99 | {verdict} |")
     rt = results["round_trip"]
     ratio = rt["worker"]["p50_us"] / rt["thread_pool_executor"]["p50_us"]
     rows.append(f"| Worker round trip p50, threads on one core | Worker / ThreadPoolExecutor(1) | {ratio:.2f} "
@@ -157,7 +157,7 @@ def _ratio_rows(results: Dict[str, Any]) -> List[str]:
                     f"context | |")
     inst = results["install"]
     ok = inst["install_ms"] < 50 and not inst["imported_heavy"]
-    rows.append(f"| `install()` | time; mlx / mlx_lm / transformers imported | {inst['install_ms']:.1f} ms; "
+    rows.append(f"| `install()` | time; mlx / mlx_lm / transformers / wrapt imported | {inst['install_ms']:.1f} ms; "
                 f"{', '.join(inst['imported_heavy']) or 'none'} | < 50 ms, none | {'met' if ok else 'missed'} |")
     foreign = [m for m in inst["added_to_mlx_lm_app"] if m not in ("mlx_threadsafe", "wrapt", "packaging")
                and m not in getattr(sys, "stdlib_module_names", ())]
@@ -166,8 +166,13 @@ def _ratio_rows(results: Dict[str, Any]) -> List[str]:
                 f"(wrapt, packaging) and the standard library only | "
                 f"{'met' if not foreign else 'missed'} |")
     total = inst["import_ms"] + inst["install_ms"]
-    rows.append(f"| `import mlx_threadsafe` + `install()`, mlx-lm installed, not imported | time | "
+    per = f", median of {inst['samples']} processes" if "samples" in inst else ""
+    rows.append(f"| `import mlx_threadsafe` + `install()`, mlx-lm installed, not imported | time{per} | "
                 f"{total:.1f} ms | ≤ 30 ms | {'met' if total <= 30 else 'missed'} |")
+    if "planning_ms" in inst:
+        rows.append(f"| the planning install() puts off, paid at the first MLX import | planning / "
+                    f"`import mlx_lm` | {inst['planning_ms'] / inst['mlx_lm_import_ms']:.2f} "
+                    f"({inst['planning_ms']:.0f} of {inst['mlx_lm_import_ms']:.0f} ms) | context | |")
     hook = results["startup_hook"]
     if "variable_set_ratio" in hook:
         rows.append(f"| `MLX_THREADSAFE=1`, a process that never imports mlx | whole process / the same unset, "

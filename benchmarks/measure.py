@@ -66,7 +66,7 @@ def generation(path: str, smoke: bool, device: str) -> Dict[str, Any]:
     import mlx_threadsafe
 
     model, _ = _load(path)
-    tokens, rounds = (16, 2) if smoke else (256 if device == "gpu" else 128, 16)
+    tokens, rounds = (16, 2) if smoke else (256 if device == "gpu" else 128, 32)
     _decode(model, 8)  # warm-up: compile caches, allocator
     rates: Dict[str, List[float]] = {"unpatched": [], "patched": []}
     for round_index in range(rounds):
@@ -121,24 +121,43 @@ def round_trip(smoke: bool, pinned: bool) -> Dict[str, Any]:
     return results
 
 
-def install_cost() -> Dict[str, Any]:
-    """Import and install() times, and the modules they add to an mlx-lm application."""
+# One fresh process per sample: the import and install() of a process that has not
+# imported mlx yet, then what install() put off (the planning, at the first MLX import
+# or the first read of the status), next to mlx_lm's own import.
+_INSTALL_SAMPLE = """
+import json, sys, time
+start = time.perf_counter()
+import mlx_threadsafe
+imported = time.perf_counter()
+mlx_threadsafe.install()
+installed = time.perf_counter()
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("mlx", "mlx_lm", "mlx_vlm", "transformers", "wrapt"))
+mlx_threadsafe.status()
+planned = time.perf_counter()
+import mlx_lm
+mlx_lm_imported = time.perf_counter()
+print(json.dumps([imported - start, installed - imported, planned - installed, mlx_lm_imported - planned, heavy]))
+"""
+
+
+def install_cost(samples: int = 15) -> Dict[str, Any]:
+    """Import and install() times (medians of fresh processes), and the modules they add to an mlx-lm application."""
     import subprocess
 
-    start = time.perf_counter()
-    import mlx_threadsafe
+    def sample() -> List[Any]:
+        done = subprocess.run([sys.executable, "-c", _INSTALL_SAMPLE], capture_output=True, text=True, check=True)
+        return json.loads(done.stdout.strip().splitlines()[-1])
 
-    imported = time.perf_counter()
-    mlx_threadsafe.install()
-    installed = time.perf_counter()
-    heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("mlx", "mlx_lm", "mlx_vlm", "transformers"))
+    runs = [sample() for _ in range(samples)]
+    median_ms = [statistics.median(run[index] for run in runs) * 1e3 for index in range(4)]
     # What the shim adds to a process that already imported mlx_lm (the application it serves).
     code = ("import sys, json, mlx_lm; before = set(sys.modules); import mlx_threadsafe; mlx_threadsafe.install(); "
             "print(json.dumps(sorted({m.split('.')[0] for m in set(sys.modules) - before})))")
     added = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                                       check=True).stdout.strip().splitlines()[-1])
-    return {"import_ms": (imported - start) * 1e3, "install_ms": (installed - imported) * 1e3,
-            "imported_heavy": heavy, "added_to_mlx_lm_app": added}
+    return {"import_ms": median_ms[0], "install_ms": median_ms[1], "planning_ms": median_ms[2],
+            "mlx_lm_import_ms": median_ms[3], "samples": samples, "imported_heavy": runs[-1][4],
+            "added_to_mlx_lm_app": added}
 
 
 def startup_hook_cost() -> Dict[str, Any]:
