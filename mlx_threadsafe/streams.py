@@ -145,16 +145,30 @@ def adopt_current_thread() -> None:
 
     Idempotent and cheap after the first call (one attribute lookup).
     """
-    if getattr(_local, "end", None) is not None:
+    if getattr(_local, "adopted", False):
         return
+    _local.adopted = True
     thread = threading.current_thread()
     _note_first_use()
     if thread is threading.main_thread():
         _local.end = False  # the main thread ends with the interpreter, not here
         return
-    _local.end = _ThreadEnd(thread.name)
+    if getattr(_local, "end", None) is None:
+        _local.end = _ThreadEnd(thread.name)
     if rng_enabled and not getattr(_local, "seeded", False):
         seed_current_thread(thread.name)
+
+
+def watch_thread_end(thread_name: str) -> None:
+    """Called as a thread starts, before any of its own code: it releases its streams as it ends.
+
+    Calls nothing of MLX (the thread may never use it); adoption proper (the random
+    key, the records) waits for the thread's first MLX call that the shim sees. A
+    thread that never used MLX pays one ``mx.clear_streams()`` at its end (tens of
+    microseconds, no memory).
+    """
+    if getattr(_local, "end", None) is None:
+        _local.end = _ThreadEnd(thread_name)
 
 
 def _note_first_use() -> None:

@@ -2,12 +2,14 @@
 
 Both mlx.thread_cleanup and mlx.thread_rng need threads adopted; they share one
 wrapper layer on ``mx.eval``. Adoption is once per thread, so the layer sits on calls
-that happen once per request, never on one that happens once per token:
+that happen once per request or per thread, never on one that happens once per token:
 ``mx.async_eval`` (one call per generated token in mlx-lm and mlx-vlm) is left as MLX
 made it. A thread is adopted by whichever comes first: its first ``mx.eval`` (mlx-lm's
 ``generate_step`` makes one at its first token, ``BatchGenerator.next`` at every step),
 its first random draw or seed (mlx.thread_rng), its first ``mx.new_stream`` or
 shim-made generation stream, or its first call into a Worker or a BatchGenerator.
+Every thread started while the layer is on also releases its streams as it ends (a
+hook where ``threading.Thread`` starts), even if none of its MLX calls passes the layer.
 
 The same layer explains MLX's thread errors that pass through ``mx.eval`` (at no cost
 to a call that does not fail) and those that end a thread or the program unhandled
@@ -25,7 +27,7 @@ from ... import diagnostics
 from ...patching.homes import module_attribute
 from ...patching.originals import Originals
 from ...registry import Patch
-from ...streams import _local, adopt_current_thread
+from ...streams import _local, adopt_current_thread, watch_thread_end
 
 _originals = Originals()
 _users: set = set()
@@ -37,7 +39,7 @@ _collectives_lock = threading.Lock()
 
 
 def adopt_then_call(wrapped, instance, args, kwargs):
-    if getattr(_local, "end", None) is None:
+    if not getattr(_local, "adopted", False):
         adopt_current_thread()
     try:
         return wrapped(*args, **kwargs)
@@ -47,7 +49,7 @@ def adopt_then_call(wrapped, instance, args, kwargs):
 
 
 def _record_new_stream(wrapped, instance, args, kwargs):
-    if getattr(_local, "end", None) is None:
+    if not getattr(_local, "adopted", False):
         adopt_current_thread()
     stream = wrapped(*args, **kwargs)
     diagnostics.record_stream(stream)
@@ -69,6 +71,13 @@ def settle_collectives_of_this_thread() -> None:
             del pending_collectives[key]
 
 
+def _watch_end_from_start(wrapped, instance, args, kwargs):
+    # On the new thread, before any of its code, and before threading knows it as the
+    # current thread (so the name comes from the Thread object). No MLX call here.
+    watch_thread_end(instance.name)
+    return wrapped(*args, **kwargs)
+
+
 def _explain_then_report(wrapped, instance, args, kwargs):
     # threading.excepthook(args) / sys.excepthook(type, value, traceback): the note goes
     # on before the report prints, on the thread error however it escaped.
@@ -83,6 +92,13 @@ def require(mlx_core, user: str) -> None:
             _originals.set_attribute(mlx_core, name, wrapt.FunctionWrapper(module_attribute("mlx.core", name), wrapper))
         for owner in (threading, sys):
             _originals.set_attribute(owner, "excepthook", wrapt.FunctionWrapper(owner.excepthook, _explain_then_report))
+        # Every thread started from now on releases its streams as it ends, even one whose
+        # MLX calls the layer never sees (mlx-lm <= 0.25's generate_step: only async_eval
+        # and item() for a short prompt). _bootstrap_inner is where every threading.Thread
+        # starts (CPython 3.8-3.14).
+        if hasattr(threading.Thread, "_bootstrap_inner"):
+            _originals.set_attribute(threading.Thread, "_bootstrap_inner", wrapt.FunctionWrapper(
+                threading.Thread._bootstrap_inner, _watch_end_from_start))
         diagnostics.watch_forks()
     _users.add(user)
 
