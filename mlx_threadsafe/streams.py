@@ -42,6 +42,7 @@ rng_enabled = False
 _rng_lock = threading.Lock()
 _process_seed: Optional[int] = None
 _names_seen: Counter = Counter()
+_NAMES_KEPT = 4096
 
 
 # Native ids of MLX threads whose Python side has ended; their OS threads may still be
@@ -236,6 +237,11 @@ def seed_current_thread(thread_name: str) -> None:
     with _rng_lock:
         if _process_seed is None:
             _process_seed = int.from_bytes(os.urandom(6), "little")
+        if len(_names_seen) >= _NAMES_KEPT:
+            # A server that names each request's thread anew must not grow this without
+            # bound. Counting starts over: a name seen again now draws what a thread of
+            # that name drew before the reset (one long ended, in such a server).
+            _names_seen.clear()
         occurrence = _names_seen[thread_name]
         _names_seen[thread_name] += 1
         value = _thread_seed(_process_seed, thread_name, occurrence)

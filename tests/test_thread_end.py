@@ -142,3 +142,23 @@ def test_an_explicit_seed_on_a_thread_is_kept(tiny_models):
         print(json.dumps(results))
     """)
     assert out[0] == out[1]
+
+
+def test_threads_named_anew_each_time_keep_the_per_name_counts_bounded_and_still_draw_differently():
+    # A server that names every request's thread anew (Thread-N) must not grow the shim's
+    # per-name counts without bound; past the bound the counting starts over.
+    out = run_json("""
+        import json, threading, mlx.core as mx, mlx_threadsafe
+        from mlx_threadsafe import streams
+        mlx_threadsafe.install()
+        streams._NAMES_KEPT = 50
+        draws, sizes = [], []
+        def draw():
+            draws.append(mx.random.uniform(shape=(2,)).tolist())
+            sizes.append(len(streams._names_seen))
+        for index in range(120):
+            thread = threading.Thread(target=draw, name=f"request-{index}")
+            thread.start(); thread.join()
+        print(json.dumps([max(sizes), len({tuple(d) for d in draws})]))
+    """)
+    assert out == [50, 120]
