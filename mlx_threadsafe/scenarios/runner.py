@@ -88,6 +88,9 @@ def run_batch(names: List[str], shim: bool, python: Optional[str] = None, timeou
     child_env = dict(os.environ, **(env or {}))
     child_env.setdefault("HF_HUB_OFFLINE", "1")
     child_env.setdefault("TRANSFORMERS_OFFLINE", "1")
+    # One string hash for both sides: a release's error that prints a set ({'type', 'factor'})
+    # must read the same without and with the shim, or a failure of its own looks like ours.
+    child_env.setdefault("PYTHONHASHSEED", "0")
     stdout, returncode, stderr = _run_until_silent(command, child_env, timeout)
     outcomes: Dict[str, Outcome] = {}
     for line in stdout.splitlines():
