@@ -15,6 +15,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 from typing import Any, Dict, List, Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -84,7 +85,17 @@ def run(device: str, smoke: bool, only=None) -> Dict[str, Any]:
             results["handover"][model] = measure("handover", "--model", model, "--shim", *common)
             print(f"handover {model}: worker/direct µs per next() = {results['handover'][model]['ratio']:.3f}",
                   flush=True)
+    # Sections may be re-measured apart (--only), on another machine: each names its own.
+    where = f"{_device_name(device)}, {time.strftime('%Y-%m-%d')}"
+    results["measured_on"] = {section: where for section in sections}
     return results
+
+
+def _device_name(device: str) -> str:
+    code = ("import mlx.core as mx; mx.set_default_device(mx.gpu if %r == 'gpu' else mx.cpu); "
+            "print(mx.device_info().get('device_name', '') if hasattr(mx, 'device_info') else '')" % device)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    return done.stdout.strip() or device
 
 
 CHURN_KINDS = ("eval", "generate")
@@ -348,7 +359,8 @@ def _device_text(device: str, results: Dict[str, Any], plot: Optional[str]) -> s
     env = results["environment"]
     lines = [f"## {device.upper()}: {env['describe']}",
              f"Python {env['python']} on {env['machine']}, {env['cpus']} CPUs. Raw numbers: `results/{device}.json`.",
-             "", "| what | ratio | measured | target | |", "|---|---|---|---|---|", *_ratio_rows(results),
+             *_measured_on(results), "",
+             "| what | ratio | measured | target | |", "|---|---|---|---|---|", *_ratio_rows(results),
              *_new_section_rows(results), "",
              f"### Concurrency ({results['concurrency_model']} model)", "", *_concurrency_table(results), ""]
     if plot:
@@ -357,6 +369,14 @@ def _device_text(device: str, results: Dict[str, Any], plot: Optional[str]) -> s
                         ("handover", _handover_table)):
         lines += [*table(results[name]), ""] if results.get(name) else _not_measured(name, device)
     return "\n".join(lines)
+
+
+def _measured_on(results: Dict[str, Any]) -> List[str]:
+    """Which machine measured which sections (a section re-measured alone names its own)."""
+    by_machine: Dict[str, List[str]] = {}
+    for section, where in results.get("measured_on", {}).items():
+        by_machine.setdefault(where, []).append(section)
+    return ["", *(f"- Measured on {where}: {', '.join(sections)}." for where, sections in by_machine.items())]
 
 
 def report() -> str:
@@ -427,7 +447,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if out and args.only and os.path.exists(out):
         with open(out) as previous:
             # The machine described is the one of the full run; a section re-measured keeps it.
-            results = dict(json.load(previous), **{k: v for k, v in results.items() if k != "environment"})
+            merged = json.load(previous)
+            measured_on = dict(merged.get("measured_on", {}), **results.pop("measured_on"))
+            results = dict(merged, **{k: v for k, v in results.items() if k != "environment"},
+                           measured_on=measured_on)
     if out:
         os.makedirs(os.path.dirname(out), exist_ok=True)
         with open(out, "w") as sink:
