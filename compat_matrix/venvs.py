@@ -42,6 +42,8 @@ def release_python(requirement: str, mlx: str = NEWEST_MLX, extra: Sequence[str]
     """
     name = requirement.replace("==", "-").replace("<", "-lt-").replace("[", "").replace("]", "")
     name = f"{name}-mlx{mlx}-{_packaging_digest()}"
+    if set(extra) - {"mlx-lm"}:  # pins (releases.toml [pins]) make a venv of their own
+        name += "-pins-" + hashlib.sha256(" ".join(sorted(extra)).encode()).hexdigest()[:6]
     final = os.path.join(VENVS, name)
     python = os.path.join(final, "bin", "python")
     if os.path.exists(os.path.join(final, ".complete")):

@@ -24,6 +24,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
+from packaging.requirements import Requirement
+
 from mlx_threadsafe import registry, versions
 from mlx_threadsafe.patches import ALL
 from mlx_threadsafe.scenarios import Outcome, run_batch
@@ -114,9 +116,21 @@ def _applied_patches(python: str, package: str) -> List[str]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def pins_for(package: str, release: str) -> List[str]:
+    """What `release` needs pinned to import next to today's packages (releases.toml [pins])."""
+    found = []
+    for requirement, pins in RELEASES.get("pins", {}).items():
+        pinned = Requirement(requirement)
+        if pinned.name == package and pinned.specifier.contains(release, prereleases=True):
+            found.extend(pins)
+    return found
+
+
 def run_target(target: Target) -> Dict[str, Any]:
     record: Dict[str, Any] = {"package": target.package, "release": target.release, "mlx": target.mlx}
-    extra = ("mlx-lm",) if target.package == "mlx-lm" else ()
+    extra = (("mlx-lm",) if target.package == "mlx-lm" else ()) + tuple(pins_for(target.package, target.release))
+    if len(extra) > 1 or (extra and target.package != "mlx-lm"):
+        record["pins"] = list(extra[1:] if target.package == "mlx-lm" else extra)
     try:
         python = release_python(f"{target.package}=={target.release}", mlx=target.mlx, extra=extra)
         applied = _applied_patches(python, target.package)

@@ -54,6 +54,23 @@ def test_an_mlx_row_that_drops_the_compiled_sampler_fix_is_caught():
                in p for p in problems), problems
 
 
+def test_the_oldest_row_without_the_detokenizer_fix_is_caught():
+    # mlx-lm 0.11.0 (it runs next to huggingface_hub < 0.25): 8 threads on one tokenizer garble text
+    row = 'releases = ">=0.0.1,<0.20.1"\npatches = ["mlx_lm.load.materialize", "mlx_lm.TokenizerWrapper.detokenizer"]'
+    assert row in _matrix_text()
+    wrong = _matrix_text().replace(row, 'releases = ">=0.0.1,<0.20.1"\npatches = ["mlx_lm.load.materialize"]')
+    problems = verify.check(verify.load_evidence(), wrong)
+    assert any("mlx-lm==0.11.0@mlx0.32.4: the matrix drops mlx_lm.TokenizerWrapper.detokenizer, but "
+               "eight_threads_share_a_tokenizer" in p for p in problems), problems
+
+
+def test_releases_older_than_today_s_huggingface_hub_get_their_pin():
+    assert verify.pins_for("mlx-lm", "0.18.1") == ["huggingface_hub<0.25"]
+    assert verify.pins_for("mlx-lm", "0.18.2") == [] and verify.pins_for("mlx-vlm", "0.1.0") == []
+    record = verify.load_evidence()["mlx-lm==0.12.0@mlx0.32.4"]
+    assert record["pins"] == ["huggingface_hub<0.25"] and record["state"] == "ran"
+
+
 def test_a_matrix_row_that_adds_an_unverified_patch_is_caught():
     records = {k: r for k, r in verify.load_evidence().items() if r["state"] == "ran" and r["mlx"] == "0.32.4"
                and r["package"] == "mlx-lm" and r["release"] == "0.20.1"}
