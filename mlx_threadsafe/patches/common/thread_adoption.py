@@ -8,7 +8,7 @@ made it. A thread is adopted by whichever comes first: its first ``mx.eval`` (ml
 ``generate_step`` makes one at its first token, ``BatchGenerator.next`` at every step),
 its first random draw or seed (mlx.thread_rng), its first ``mx.new_stream`` or
 shim-made generation stream, or its first call into a Worker or a BatchGenerator.
-Every thread started while the layer is on also releases its streams as it ends (a
+Every thread started while the layer is on is also waited for at exit once it ended (a
 hook where ``threading.Thread`` starts), even if none of its MLX calls passes the layer.
 
 The same layer explains MLX's thread errors that pass through ``mx.eval`` (at no cost
@@ -92,7 +92,7 @@ def require(mlx_core, user: str) -> None:
             _originals.set_attribute(mlx_core, name, wrapt.FunctionWrapper(module_attribute("mlx.core", name), wrapper))
         for owner in (threading, sys):
             _originals.set_attribute(owner, "excepthook", wrapt.FunctionWrapper(owner.excepthook, _explain_then_report))
-        # Every thread started from now on releases its streams as it ends, even one whose
+        # Every thread started from now on is waited for at exit once it ended, even one whose
         # MLX calls the layer never sees (mlx-lm <= 0.25's generate_step: only async_eval
         # and item() for a short prompt). _bootstrap_inner is where every threading.Thread
         # starts (CPython 3.8-3.14).
