@@ -74,9 +74,7 @@ class _ThreadEnd:
             except Exception:  # noqa: BLE001 - runs while a thread is being torn down
                 log.debug("thread-end step %r of thread %s failed", step, self.thread_name, exc_info=True)
         if self.owns_streams or cleanup_enabled:
-            # Only a thread seen using MLX calls into it here: a thread that never did (an
-            # HTTP handler thread) could block in MLX with the GIL held while another thread
-            # runs a forward. Every thread is waited for at exit all the same.
+            # Only a thread seen using MLX calls into it here.
             if self.owns_streams or self.used_mlx:
                 release_thread_streams(self.thread_name)
             # A Worker's thread owns its streams: it is waited for even without the patch.
@@ -164,19 +162,6 @@ def adopt_current_thread() -> None:
     _local.end.used_mlx = True
     if rng_enabled and not getattr(_local, "seeded", False):
         seed_current_thread(thread.name)
-
-
-def watch_thread_end(thread_name: str) -> None:
-    """Called as a thread starts, before any of its own code: the exit waits for it once it ends.
-
-    Calls nothing of MLX (the thread may never use it); adoption proper (the random
-    key, the records, ``mx.clear_streams()`` at its end) waits for the thread's first
-    MLX call that the shim sees. A thread whose MLX work the shim never sees (only
-    ``async_eval`` and ``item()``) is still covered at exit: the main thread waits for
-    its OS thread to finish its C++ destructors before finalizing.
-    """
-    if getattr(_local, "end", None) is None:
-        _local.end = _ThreadEnd(thread_name)
 
 
 def _note_first_use() -> None:
