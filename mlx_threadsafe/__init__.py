@@ -6,9 +6,16 @@
 Importing the package changes nothing; install() applies the patches that the
 compat matrix names for the installed releases (now, or when their module is first
 imported), and uninstall() puts every original object back.
+
+An install() made before mlx, mlx_lm or mlx_vlm is imported costs almost nothing: it
+plans just before the first of them is imported (or when its status is first read),
+which is where the matrix, wrapt and the patches are loaded.
 """
 
 from __future__ import annotations
+
+import sys
+from _thread import RLock
 
 from .errors import (
     ConcurrentCollectives,
@@ -29,7 +36,8 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:  # imported on first use (below): `import mlx_threadsafe` stays cheap, typing included
     from typing import Any, Iterable, Optional
 
-    from .registry import PatchStatus, Registry, State, Status
+    from .patch_status import PatchStatus, State, Status
+    from .registry import Registry
     from .streams import generation_stream, seed
     from .worker import Worker
 
@@ -45,10 +53,15 @@ __all__ = [
 # Public names whose modules load on first use, and where they live.
 _LAZY = {
     "Worker": "worker", "generation_stream": "streams", "seed": "streams",
-    "Status": "registry", "PatchStatus": "registry", "State": "registry",
+    "Status": "patch_status", "PatchStatus": "patch_status", "State": "patch_status",
 }
 
+# The import of one of these plans an install() that was made before it.
+TRIGGERS = ("mlx", "mlx_lm", "mlx_vlm")
+
 _registry: "Optional[Registry]" = None
+_deferred: Any = None  # the import watcher of an install() waiting for the first MLX import
+_lock = RLock()  # a thread-end or import hook may re-enter while the registry is made
 
 
 def __getattr__(name: str) -> Any:
@@ -61,7 +74,9 @@ def __getattr__(name: str) -> Any:
 
 def _get_registry() -> "Registry":
     global _registry
-    if _registry is None:
+    with _lock:
+        if _registry is not None:
+            return _registry
         # The worker module first: its exit hook (stop the workers, then wait for every
         # ended MLX thread) must be registered before any patch's, so that it runs last.
         from . import worker  # noqa: F401
@@ -76,19 +91,66 @@ def install(*, only: Optional[Iterable[str]] = None, exclude: Optional[Iterable[
     """Apply the patches this environment needs; idempotent. Returns the status table.
 
     `only` / `exclude` take patch ids; MLX_THREADSAFE_DISABLE=id1,id2 (or *) disables
-    patches from the environment.
+    patches from the environment. Made before any of mlx, mlx_lm, mlx_vlm is imported
+    (and without `only` / `exclude`, which are checked at once), it plans just before
+    the first of them is imported; the Status it returns plans when first read.
     """
+    if only is None and exclude is None and _registry is None and not any(name in sys.modules for name in TRIGGERS):
+        _defer_planning()
+        from .patch_status import Status
+
+        return Status.planned_on_read(status)
+    return install_now(only=only, exclude=exclude)
+
+
+def install_now(*, only: Optional[Iterable[str]] = None, exclude: Optional[Iterable[str]] = None) -> "Status":
+    """install(), planned now whatever is imported (the start-up hook, from inside the first MLX import)."""
+    _cancel_deferred()
     return _get_registry().install(only=only, exclude=exclude)
+
+
+def _defer_planning() -> None:
+    global _deferred
+    if _deferred is not None:
+        return
+    from . import import_watch
+
+    def plan_before_first_mlx_import(name: str) -> None:
+        # Before any of its code runs: every target is then patched as it completes.
+        if name.partition(".")[0] in TRIGGERS:
+            try:
+                install_now()
+            except Exception as error:  # noqa: BLE001 - never fail the application's import
+                sys.stderr.write(f"mlx_threadsafe: not installed: {type(error).__name__}: {error}\n")
+
+    _deferred = plan_before_first_mlx_import
+    import_watch.watch_before(_deferred)
+
+
+def _cancel_deferred() -> bool:
+    """Stop waiting for the first MLX import; True if an install() was waiting."""
+    global _deferred
+    with _lock:
+        waiting, _deferred = _deferred, None
+    if waiting is None:
+        return False
+    from . import import_watch
+
+    import_watch.unwatch(waiting)
+    return True
 
 
 def uninstall() -> "Status":
     """Revert every applied patch (the original objects come back) and cancel pending ones."""
+    _cancel_deferred()
     return _get_registry().uninstall()
 
 
 def status() -> "Status":
+    if _deferred is not None:
+        return install_now()
     return _get_registry().status()
 
 
 def is_installed() -> bool:
-    return _registry is not None and _registry.is_installed()
+    return _deferred is not None or (_registry is not None and _registry.is_installed())

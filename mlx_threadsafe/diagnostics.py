@@ -22,12 +22,13 @@ import os
 import re
 import sys
 import threading
+import weakref
 from typing import Any, Dict, List, Optional, Tuple
 
 from .errors import ForkedAfterMlxUse, is_thread_error
 
-# (device type, stream index) -> (thread name, thread ident) of the creating thread.
-_stream_threads: Dict[Tuple[str, int], Tuple[str, int]] = {}
+# (device type, stream index) -> (name, weak reference) of the creating thread.
+_stream_threads: Dict[Tuple[str, int], Tuple[str, Any]] = {}
 _STREAM = re.compile(r"Stream\((?:Device\()?(\w+)(?:, \d+\))?, (\d+)\)")
 _NOTED = "_mlx_threadsafe_noted"
 
@@ -48,15 +49,17 @@ def record_stream(stream: Any) -> None:
     key = stream_key(str(stream))
     if key is not None:
         thread = threading.current_thread()
-        _stream_threads[key] = (thread.name, thread.ident or 0)
+        # A weak reference, not the ident: the OS hands an ended thread's ident to the next one.
+        _stream_threads[key] = (thread.name, weakref.ref(thread))
 
 
 def stream_owner(key: Tuple[str, int]) -> Optional[str]:
     owner = _stream_threads.get(key)
     if owner is None:
         return None
-    name, ident = owner
-    alive = any(t.ident == ident for t in threading.enumerate())
+    name, thread_ref = owner
+    thread = thread_ref()
+    alive = thread is not None and thread.is_alive()
     return f"{name!r}" + ("" if alive else " (it has ended)")
 
 

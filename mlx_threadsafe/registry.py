@@ -14,10 +14,9 @@ import sys
 import threading
 import warnings
 from dataclasses import dataclass
-from enum import Enum
 from importlib import resources
 from types import ModuleType
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import wrapt
 from packaging.specifiers import SpecifierSet
@@ -25,6 +24,7 @@ from packaging.version import Version
 
 from . import versions
 from .errors import MlxThreadsafeWarning, TargetMissing
+from .patch_status import PatchStatus, State, Status
 from .patching.originals import Originals, Replacement
 
 try:  # Python 3.11+
@@ -33,19 +33,6 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 log = logging.getLogger("mlx_threadsafe")
-
-class State(str, Enum):
-    """The state of one patch in this process (compares equal to its string value)."""
-
-    APPLIED = "applied"
-    PENDING = "pending-import"
-    SKIPPED = "skipped"
-    FAILED = "failed"
-    DISABLED = "disabled"
-    NOT_INSTALLED = "not-installed"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 class Patch:
@@ -90,62 +77,6 @@ class Patch:
 
     def _apply(self, module: ModuleType) -> None:
         raise NotImplementedError
-
-
-@dataclass(frozen=True)
-class PatchStatus:
-    """One row of the status table."""
-
-    id: str
-    target: str  # what the patch rewrites
-    trigger: str  # the module whose import applies it
-    state: State
-    reason: str = ""
-
-
-@dataclass(frozen=True)
-class Status:
-    rows: Tuple[PatchStatus, ...]
-    environment: versions.Environment
-    installed: bool
-
-    @property
-    def versions(self) -> Dict[str, Optional[str]]:
-        return {name: self.environment.version_of(name) for name in versions.TRACKED}
-
-    def __iter__(self) -> Iterator[PatchStatus]:
-        return iter(self.rows)
-
-    def __getitem__(self, patch_id: str) -> PatchStatus:
-        for row in self.rows:
-            if row.id == patch_id:
-                return row
-        raise KeyError(patch_id)
-
-    def ids(self, state: str) -> List[str]:
-        """The ids of the patches in `state` (a State or its string value)."""
-        return [row.id for row in self.rows if row.state == state]
-
-    def __str__(self) -> str:
-        header = ("patch", "target", "state", "reason")
-        lines = [(r.id, r.target, str(r.state), r.reason) for r in self.rows]
-        widths = [max(len(x[i]) for x in [header] + lines) for i in range(3)]
-        out = [
-            f"mlx_threadsafe ({'installed' if self.installed else 'not installed'}): "
-            + self.environment.describe()
-        ]
-        for row in [header] + lines:
-            out.append("  ".join(cell.ljust(w) for cell, w in zip(row[:3], widths)) + "  " + row[3])
-        out.append("protection on this platform:")
-        out.extend(f"  {subject}: {what}" for subject, what in self.protection)
-        return "\n".join(line.rstrip() for line in out)
-
-    @property
-    def protection(self) -> List[Tuple[str, str]]:
-        """What this platform gets: thread-bound streams, the exit wait, join() semantics, fork."""
-        from .diagnostics import protection
-
-        return protection(self.environment)
 
 
 # ------------------------------------------------------------------ the matrix

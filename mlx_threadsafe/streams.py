@@ -42,6 +42,7 @@ rng_enabled = False
 _rng_lock = threading.Lock()
 _process_seed: Optional[int] = None
 _names_seen: Counter = Counter()
+_NAMES_KEPT = 4096
 
 
 # Native ids of MLX threads whose Python side has ended; their OS threads may still be
@@ -55,11 +56,12 @@ _PRUNE_ABOVE = 256
 class _ThreadEnd:
     """Lives in the thread's locals; its collection marks the end of the thread."""
 
-    __slots__ = ("thread_name", "owns_streams", "native_id", "on_end")
+    __slots__ = ("thread_name", "owns_streams", "used_mlx", "native_id", "on_end")
 
     def __init__(self, thread_name: str) -> None:
         self.thread_name = thread_name
         self.owns_streams = False
+        self.used_mlx = False  # set when the thread is adopted (an MLX call the shim saw)
         self.native_id = threading.get_native_id()
         self.on_end: List[Callable[[], None]] = []
 
@@ -72,7 +74,9 @@ class _ThreadEnd:
             except Exception:  # noqa: BLE001 - runs while a thread is being torn down
                 log.debug("thread-end step %r of thread %s failed", step, self.thread_name, exc_info=True)
         if self.owns_streams or cleanup_enabled:
-            release_thread_streams(self.thread_name)
+            # Only a thread seen using MLX calls into it here.
+            if self.owns_streams or self.used_mlx:
+                release_thread_streams(self.thread_name)
             # A Worker's thread owns its streams: it is waited for even without the patch.
             if len(_ending_native_ids) > _PRUNE_ABOVE:
                 _ending_native_ids.difference_update([tid for tid in list(_ending_native_ids)
@@ -145,14 +149,17 @@ def adopt_current_thread() -> None:
 
     Idempotent and cheap after the first call (one attribute lookup).
     """
-    if getattr(_local, "end", None) is not None:
+    if getattr(_local, "adopted", False):
         return
+    _local.adopted = True
     thread = threading.current_thread()
     _note_first_use()
     if thread is threading.main_thread():
         _local.end = False  # the main thread ends with the interpreter, not here
         return
-    _local.end = _ThreadEnd(thread.name)
+    if getattr(_local, "end", None) is None:
+        _local.end = _ThreadEnd(thread.name)
+    _local.end.used_mlx = True
     if rng_enabled and not getattr(_local, "seeded", False):
         seed_current_thread(thread.name)
 
@@ -222,6 +229,11 @@ def seed_current_thread(thread_name: str) -> None:
     with _rng_lock:
         if _process_seed is None:
             _process_seed = int.from_bytes(os.urandom(6), "little")
+        if len(_names_seen) >= _NAMES_KEPT:
+            # A server that names each request's thread anew must not grow this without
+            # bound. Counting starts over: a name seen again now draws what a thread of
+            # that name drew before the reset (one long ended, in such a server).
+            _names_seen.clear()
         occurrence = _names_seen[thread_name]
         _names_seen[thread_name] += 1
         value = _thread_seed(_process_seed, thread_name, occurrence)

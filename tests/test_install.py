@@ -171,7 +171,7 @@ versions.detect = lambda: dataclasses.replace(real, **{FIELDS})
 def test_mlx_lm_not_installed_is_a_skipped_row_not_an_error():
     out = run_json(FAKE_VERSION.replace("{FIELDS}", "{'mlx_lm': None}") + """
 import json, mlx_threadsafe
-print(json.dumps(mlx_threadsafe.install()["mlx_lm.load.materialize"].__dict__))
+print(json.dumps(mlx_threadsafe.install()["mlx_lm.load.materialize"]._asdict()))
 """)
     assert out["state"] == "skipped" and out["reason"] == "mlx-lm is not installed"
 
@@ -202,7 +202,7 @@ utils = importlib.import_module("mlx_lm.utils")
 for name in ("load", "load_model", "load_adapters", "sharded_load"):
     delattr(utils, name)
 s = mlx_threadsafe.install()
-print(json.dumps([s["mlx_lm.load.materialize"].__dict__, s["mlx_lm.generation_stream"].__dict__]))
+print(json.dumps([s["mlx_lm.load.materialize"]._asdict(), s["mlx_lm.generation_stream"]._asdict()]))
 """)
     load_row, stream_row = out
     assert load_row["state"] == "skipped" and load_row["reason"].startswith("target moved: none of mlx_lm.utils.load")

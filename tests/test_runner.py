@@ -84,14 +84,17 @@ def test_start_up_hook_imports_only_the_standard_library_until_mlx_is_imported()
                       env={"MLX_THREADSAFE": "1"})
     loaded = done.stdout.strip()
     assert loaded == ("['mlx_threadsafe', 'mlx_threadsafe.autoinstall', 'mlx_threadsafe.errors', "
-                      "'mlx_threadsafe.import_watch', 'mlx_threadsafe.materialize']"), done.stderr
+                      "'mlx_threadsafe.import_watch', 'mlx_threadsafe.materialize', "
+                      "'mlx_threadsafe.patch_status']"), done.stderr
 
 
 def test_start_up_hook_installs_at_the_first_import_of_mlx():
-    done = run_python(CHECK, env={"MLX_THREADSAFE": "1"})
-    assert done.stdout.split() == ["False", "False"], done.stderr
-    done = run_python(AFTER_MLX, env={"MLX_THREADSAFE": "1"})
-    assert done.stdout.split() == ["True"], done.stderr
+    # Installed, waiting: neither mlx nor the registry (wrapt) is loaded yet.
+    done = run_python(CHECK + "; print('wrapt' in sys.modules)", env={"MLX_THREADSAFE": "1"})
+    assert done.stdout.split() == ["True", "False", "False"], done.stderr
+    done = run_python(AFTER_MLX + "; print(mlx_threadsafe.status()['mlx.thread_cleanup'].state)",
+                      env={"MLX_THREADSAFE": "1"})
+    assert done.stdout.split() == ["True", "applied"], done.stderr
 
 
 def test_start_up_hook_is_silent_and_imports_nothing_when_unset():

@@ -57,8 +57,16 @@ class SlowFinalization:
 slow_finalization = SlowFinalization()
 
 
+double = mx.compile(lambda x: x * 2)
+
+
 def draw():
-    mx.eval(mx.random.uniform(shape=(4,)))
+    if sys.argv[2] == "draw":
+        mx.eval(mx.random.uniform(shape=(4,)))
+    else:  # what an old mlx-lm generate_step does for a short prompt: async_eval and item() only
+        y = double(mx.ones(4))
+        mx.async_eval(y)
+        y.sum().item()
     # A thread_local destructor registered after MLX's runs before them (reverse
     # order): this OS thread lingers 0.1 s after join() returned, as on a loaded machine.
     libc.__cxa_thread_atexit_impl(libc.usleep, ctypes.c_void_p(100_000), None)
@@ -70,8 +78,11 @@ thread.join()
 """
 
 
-@pytest.mark.parametrize("mlx_version", ["installed", pytest.param("0.31.2", marks=pytest.mark.release)])
-def test_a_thread_whose_os_teardown_outlives_join_does_not_abort_the_exit(mlx_version):
+# A thread adopted at its first draw. (A thread whose MLX calls the shim never sees, only
+# async_eval and item() of a compiled function, is not covered: "compiled_async_eval_item".)
+@pytest.mark.parametrize("mlx_version, work", [
+    ("installed", "draw"), pytest.param("0.31.2", "draw", marks=pytest.mark.release)])
+def test_a_thread_whose_os_teardown_outlives_join_does_not_abort_the_exit(mlx_version, work):
     # join() returns before the OS thread runs MLX's thread_local destructors; the random
     # key's destructor takes the GIL, which aborts the process if finalization has begun.
     # The script widens that window on purpose, so the race is lost every time.
@@ -84,7 +95,7 @@ def test_a_thread_whose_os_teardown_outlives_join_does_not_abort_the_exit(mlx_ve
     python = sys.executable if mlx_version == "installed" else release_python("mlx-lm==0.26.4", mlx=mlx_version)
 
     def run(mode):
-        return subprocess.run([python, "-c", SLOW_OS_TEARDOWN, mode], capture_output=True, text=True,
+        return subprocess.run([python, "-c", SLOW_OS_TEARDOWN, mode, work], capture_output=True, text=True,
                               cwd=ROOT, timeout=120)
 
     without = run("plain")
@@ -130,3 +141,23 @@ def test_an_explicit_seed_on_a_thread_is_kept(tiny_models):
         print(json.dumps(results))
     """)
     assert out[0] == out[1]
+
+
+def test_threads_named_anew_each_time_keep_the_per_name_counts_bounded_and_still_draw_differently():
+    # A server that names every request's thread anew (Thread-N) must not grow the shim's
+    # per-name counts without bound; past the bound the counting starts over.
+    out = run_json("""
+        import json, threading, mlx.core as mx, mlx_threadsafe
+        from mlx_threadsafe import streams
+        mlx_threadsafe.install()
+        streams._NAMES_KEPT = 50
+        draws, sizes = [], []
+        def draw():
+            draws.append(mx.random.uniform(shape=(2,)).tolist())
+            sizes.append(len(streams._names_seen))
+        for index in range(120):
+            thread = threading.Thread(target=draw, name=f"request-{index}")
+            thread.start(); thread.join()
+        print(json.dumps([max(sizes), len({tuple(d) for d in draws})]))
+    """)
+    assert out == [50, 120]

@@ -14,6 +14,12 @@ from typing import Any, Callable, List
 MISSING: Any = object()  # the owner had no attribute of its own by that name
 
 
+def _own_attribute(owner: Any, name: str) -> Any:
+    # From __dict__: getattr on a class would hand back a bound wrapper, not ours.
+    namespace = getattr(owner, "__dict__", None)
+    return namespace.get(name, MISSING) if namespace is not None else getattr(owner, name, MISSING)
+
+
 @dataclass(frozen=True)
 class Replacement:
     """``owner.name`` was `before` (its own, or MISSING) and the patch made it `after`."""
@@ -27,7 +33,7 @@ class Replacement:
         """What the owner holds by that name now, as its own (MISSING if nothing)."""
         if self.name in ("__defaults__", "__kwdefaults__"):
             return getattr(self.owner, self.name)
-        return getattr(self.owner, "__dict__", {}).get(self.name, MISSING)
+        return _own_attribute(self.owner, self.name)
 
 
 class Originals:
@@ -54,6 +60,11 @@ class Originals:
         self.records.append(Replacement(owner, name, own, value))
 
         def undo() -> None:
+            # Someone replaced ours after us (a server's own excepthook, another
+            # instrumentation's wrapper around ours): theirs stays; putting the original
+            # back would silently drop it.
+            if _own_attribute(owner, name) is not value:
+                return
             if had_own:
                 setattr(owner, name, own)
             elif name in getattr(owner, "__dict__", {}):

@@ -1,10 +1,21 @@
 """Adopt a thread into the shim the first time it evaluates MLX work.
 
 Both mlx.thread_cleanup and mlx.thread_rng need threads adopted; they share one
-wrapper layer on ``mx.eval`` / ``mx.async_eval`` (each layer costs about a microsecond
-per call, and generation calls them for every token). The same layer explains MLX's
-thread errors that pass through it (at no cost to a call that does not fail), records
-which thread made each ``mx.new_stream``, and arms the fork guard.
+wrapper layer on ``mx.eval``. Adoption is once per thread, so the layer sits on calls
+that happen once per request or per thread, never on one that happens once per token:
+``mx.async_eval`` (one call per generated token in mlx-lm and mlx-vlm) is left as MLX
+made it. A thread is adopted by whichever comes first: its first ``mx.eval`` (mlx-lm's
+``generate_step`` makes one at its first token, ``BatchGenerator.next`` at every step),
+its first random draw or seed (mlx.thread_rng), its first ``mx.new_stream`` or
+shim-made generation stream, or its first call into a Worker or a BatchGenerator.
+A thread whose MLX work never passes the layer (only ``async_eval`` and ``item()``, as
+mlx-lm <= 0.25's ``generate_step`` for a short prompt) is not adopted: no cleanup at its
+end and no exit wait for it. A hook where every thread starts would cover it; one was
+tried and left out until it is understood why the server tests hung at SIGINT with it.
+
+The same layer explains MLX's thread errors that pass through ``mx.eval`` (at no cost
+to a call that does not fail), records which thread made each ``mx.new_stream``, and arms
+the fork guard.
 """
 
 import threading
@@ -28,13 +39,21 @@ _collectives_lock = threading.Lock()
 
 
 def adopt_then_call(wrapped, instance, args, kwargs):
-    if getattr(_local, "end", None) is None:
+    if not getattr(_local, "adopted", False):
         adopt_current_thread()
     try:
         return wrapped(*args, **kwargs)
     except RuntimeError as error:
         diagnostics.explain(error)  # a note naming the threads; the error itself is re-raised as it is
         raise
+
+
+def _record_new_stream(wrapped, instance, args, kwargs):
+    if not getattr(_local, "adopted", False):
+        adopt_current_thread()
+    stream = wrapped(*args, **kwargs)
+    diagnostics.record_stream(stream)
+    return stream
 
 
 def adopt_then_eval(wrapped, instance, args, kwargs):
@@ -52,25 +71,17 @@ def settle_collectives_of_this_thread() -> None:
             del pending_collectives[key]
 
 
-def _record_new_stream(wrapped, instance, args, kwargs):
-    stream = wrapped(*args, **kwargs)
-    diagnostics.record_stream(stream)
-    return stream
-
-
 def require(mlx_core, user: str) -> None:
-    """Wrap eval/async_eval for `user` (a patch id); the first user puts the layer on."""
+    """Put the layer on for `user` (a patch id); the first user puts it on."""
     if not _users:
-        for name, wrapper in (("eval", adopt_then_eval), ("async_eval", adopt_then_call)):
+        for name, wrapper in (("eval", adopt_then_eval), ("new_stream", _record_new_stream)):
             _originals.set_attribute(mlx_core, name, wrapt.FunctionWrapper(module_attribute("mlx.core", name), wrapper))
-        _originals.set_attribute(mlx_core, "new_stream",
-                                 wrapt.FunctionWrapper(module_attribute("mlx.core", "new_stream"), _record_new_stream))
         diagnostics.watch_forks()
     _users.add(user)
 
 
 def replacements():
-    """What the shared layer replaced (mx.eval, mx.async_eval), while it is on."""
+    """What the shared layer replaced (mx.eval, mx.new_stream), while it is on."""
     return list(_originals.records)
 
 

@@ -6,8 +6,9 @@ main thread is already finalizing the interpreter the process aborts with
 ``terminate called without an active exception``. ``mx.clear_streams()`` at the end
 of the thread (what the MLX maintainers do in mlx-lm's own tests) prevents it.
 
-How: ``mx.eval`` and ``mx.async_eval`` adopt the calling thread (one thread-local
-lookup per call); an adopted thread runs ``mx.clear_streams()`` on itself when it
+How: a thread is adopted once, at its first ``mx.eval`` (one thread-local lookup per
+call; ``mx.async_eval``, called per token, is left alone), draw, stream or Worker call
+(see `..common.thread_adoption`); an adopted thread runs ``mx.clear_streams()`` on itself when it
 ends (see `mlx_threadsafe.streams`), and is recorded so that at exit the main thread
 waits for its OS thread to finish its C++ destructors (the package's exit hook, in
 `mlx_threadsafe.worker`, which stays on after revert: threads that ended while the
@@ -27,4 +28,4 @@ class ThreadCleanupPatch(AdoptionLayerPatch):
 
 
 # The compile cache is per thread from 0.31.2 on every backend, streams bound or not.
-PATCH = ThreadCleanupPatch("mlx.thread_cleanup", "mlx", "mlx.core", "mx.eval / mx.async_eval (thread end)")
+PATCH = ThreadCleanupPatch("mlx.thread_cleanup", "mlx", "mlx.core", "mx.eval (thread end)")
