@@ -127,17 +127,15 @@ def _defer_planning() -> None:
     import_watch.watch_before(_deferred)
 
 
-def _cancel_deferred() -> bool:
-    """Stop waiting for the first MLX import; True if an install() was waiting."""
+def _cancel_deferred() -> None:
+    """Stop waiting for the first MLX import (if an install() was waiting)."""
     global _deferred
     with _lock:
         waiting, _deferred = _deferred, None
-    if waiting is None:
-        return False
-    from . import import_watch
+    if waiting is not None:
+        from . import import_watch
 
-    import_watch.unwatch(waiting)
-    return True
+        import_watch.unwatch(waiting)
 
 
 def uninstall() -> "Status":

@@ -56,12 +56,11 @@ _PRUNE_ABOVE = 256
 class _ThreadEnd:
     """Lives in the thread's locals; its collection marks the end of the thread."""
 
-    __slots__ = ("thread_name", "owns_streams", "used_mlx", "native_id", "on_end")
+    __slots__ = ("thread_name", "owns_streams", "native_id", "on_end")
 
     def __init__(self, thread_name: str) -> None:
         self.thread_name = thread_name
         self.owns_streams = False
-        self.used_mlx = False  # set when the thread is adopted (an MLX call the shim saw)
         self.native_id = threading.get_native_id()
         self.on_end: List[Callable[[], None]] = []
 
@@ -74,9 +73,7 @@ class _ThreadEnd:
             except Exception:  # noqa: BLE001 - runs while a thread is being torn down
                 log.debug("thread-end step %r of thread %s failed", step, self.thread_name, exc_info=True)
         if self.owns_streams or cleanup_enabled:
-            # Only a thread seen using MLX calls into it here.
-            if self.owns_streams or self.used_mlx:
-                release_thread_streams(self.thread_name)
+            release_thread_streams(self.thread_name)
             # A Worker's thread owns its streams: it is waited for even without the patch.
             if len(_ending_native_ids) > _PRUNE_ABOVE:
                 _ending_native_ids.difference_update([tid for tid in list(_ending_native_ids)
@@ -159,7 +156,6 @@ def adopt_current_thread() -> None:
         return
     if getattr(_local, "end", None) is None:
         _local.end = _ThreadEnd(thread.name)
-    _local.end.used_mlx = True
     if rng_enabled and not getattr(_local, "seeded", False):
         seed_current_thread(thread.name)
 
