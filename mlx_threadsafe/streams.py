@@ -56,11 +56,12 @@ _PRUNE_ABOVE = 256
 class _ThreadEnd:
     """Lives in the thread's locals; its collection marks the end of the thread."""
 
-    __slots__ = ("thread_name", "owns_streams", "native_id", "on_end")
+    __slots__ = ("thread_name", "owns_streams", "used_mlx", "native_id", "on_end")
 
     def __init__(self, thread_name: str) -> None:
         self.thread_name = thread_name
         self.owns_streams = False
+        self.used_mlx = False  # set when the thread is adopted (an MLX call the shim saw)
         self.native_id = threading.get_native_id()
         self.on_end: List[Callable[[], None]] = []
 
@@ -73,7 +74,11 @@ class _ThreadEnd:
             except Exception:  # noqa: BLE001 - runs while a thread is being torn down
                 log.debug("thread-end step %r of thread %s failed", step, self.thread_name, exc_info=True)
         if self.owns_streams or cleanup_enabled:
-            release_thread_streams(self.thread_name)
+            # Only a thread seen using MLX calls into it here: one that never did (an HTTP
+            # handler thread, watched from its start) has no streams to release, and it is
+            # waited for at exit all the same.
+            if self.owns_streams or self.used_mlx:
+                release_thread_streams(self.thread_name)
             # A Worker's thread owns its streams: it is waited for even without the patch.
             if len(_ending_native_ids) > _PRUNE_ABOVE:
                 _ending_native_ids.difference_update([tid for tid in list(_ending_native_ids)
@@ -156,8 +161,22 @@ def adopt_current_thread() -> None:
         return
     if getattr(_local, "end", None) is None:
         _local.end = _ThreadEnd(thread.name)
+    _local.end.used_mlx = True
     if rng_enabled and not getattr(_local, "seeded", False):
         seed_current_thread(thread.name)
+
+
+def watch_thread_end(thread_name: str) -> None:
+    """Called as a thread starts, before any of its own code: the exit waits for it once it ends.
+
+    Calls nothing of MLX (the thread may never use it); adoption proper (the random
+    key, the records, ``mx.clear_streams()`` at its end) waits for the thread's first
+    MLX call that the shim sees. A thread whose MLX work the shim never sees (only
+    ``async_eval`` and ``item()``) is still covered at exit: the main thread waits for
+    its OS thread to finish its C++ destructors before finalizing.
+    """
+    if getattr(_local, "end", None) is None:
+        _local.end = _ThreadEnd(thread_name)
 
 
 def _note_first_use() -> None:

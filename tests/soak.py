@@ -154,7 +154,10 @@ def _bad_stderr_lines(lines: List[str]) -> List[str]:
 def soak(python: str, model: str, server: str = "mlx_lm.server", via: str = "none", clients: int = 16,
          hang_ups: int = 4, startup_timeout: float = 120.0, request_timeout: float = 120.0) -> SoakResult:
     port = _free_port()
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
+    # faulthandler: a server that does not exit after SIGINT gets SIGABRT, and its stderr then
+    # shows where every thread was stuck.
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1",
+               PYTHONFAULTHANDLER="1")
     env.pop("MLX_THREADSAFE", None)
     command = [python, "-m", server, "--model", model, "--host", "127.0.0.1", "--port", str(port)]
     if via == "run":
@@ -191,9 +194,13 @@ def soak(python: str, model: str, server: str = "mlx_lm.server", via: str = "non
             try:
                 exit_code: Optional[int] = process.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
                 exit_code = None
+                process.send_signal(signal.SIGABRT)
+                try:
+                    process.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
         stderr.seek(0)
         lines = stderr.read().decode("utf-8", "replace").splitlines()
     bad = _bad_stderr_lines(lines)
@@ -202,7 +209,7 @@ def soak(python: str, model: str, server: str = "mlx_lm.server", via: str = "non
                       retried_connections=len(retries),
                       exit_code=exit_code, bad_stderr=bad,
                       failures=[o for o in outcomes if o not in ("answered", "hung-up")],
-                      stderr_tail="\n".join(lines[-40:]))
+                      stderr_tail="\n".join(lines[-(40 if exit_code is not None else 200):]))
 
 
 def main(argv: Optional[List[str]] = None) -> int:

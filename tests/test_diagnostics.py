@@ -40,6 +40,59 @@ def test_without_the_shim_the_same_error_says_nothing_of_threads():
     assert name == "RuntimeError" and "There is no Stream(cpu" in message and notes == []
 
 
+UNHANDLED_IN_A_THREAD = """
+    import json, threading
+    {install}
+    import mlx.core as mx
+    box, notes = {{}}, []
+    threading.excepthook = (lambda report, original=threading.excepthook:  # reads the notes once printed
+                            original(report) or notes.extend(getattr(report.exc_value, "__notes__", [])))
+
+    def build():
+        with mx.stream(mx.new_stream(mx.default_device())):
+            box["y"] = mx.ones(4) * 2
+
+    def use():  # async_eval and item(): the per-token calls the shim does not wrap
+        mx.async_eval(box["y"])
+        box["y"].item()
+
+    for target, name in ((build, "builder"), (use, "request-1")):
+        thread = threading.Thread(target=target, name=name)
+        thread.start()
+        thread.join()
+    print(json.dumps(notes))
+"""
+
+
+def test_a_thread_error_that_ends_a_thread_unhandled_is_explained_in_its_report():
+    # The note is added by the shim's excepthook, whichever call raised: here async_eval.
+    install = "import mlx_threadsafe; mlx_threadsafe.install()"
+    [note] = run_json(UNHANDLED_IN_A_THREAD.format(install=install))
+    assert "made by thread 'builder' (it has ended)" in note and "used on thread 'request-1'" in note
+    assert run_json(UNHANDLED_IN_A_THREAD.format(install="")) == []
+
+
+def test_uninstall_leaves_an_excepthook_set_after_install_in_place():
+    out = run_json("""
+        import json, sys, threading
+        import mlx_threadsafe
+        original = threading.excepthook
+        mlx_threadsafe.install()
+        import mlx.core
+        wrapped = threading.excepthook
+        def servers_own(report):
+            pass
+        threading.excepthook = servers_own
+        mlx_threadsafe.uninstall()
+        kept = threading.excepthook is servers_own
+        threading.excepthook = original
+        mlx_threadsafe.install(); mlx_threadsafe.uninstall()  # nobody else's: the original comes back
+        print(json.dumps([wrapped is not original, kept, threading.excepthook is original,
+                          sys.excepthook is sys.__excepthook__]))
+    """)
+    assert out == [True, True, True, True]
+
+
 def test_an_error_inside_a_worker_call_names_the_threads_too():
     out = run_json("""
         import json, threading

@@ -8,16 +8,16 @@ made it. A thread is adopted by whichever comes first: its first ``mx.eval`` (ml
 ``generate_step`` makes one at its first token, ``BatchGenerator.next`` at every step),
 its first random draw or seed (mlx.thread_rng), its first ``mx.new_stream`` or
 shim-made generation stream, or its first call into a Worker or a BatchGenerator.
-A thread whose MLX work never passes the layer (only ``async_eval`` and ``item()``, as
-mlx-lm <= 0.25's ``generate_step`` for a short prompt) is not adopted: no cleanup at its
-end and no exit wait for it. A hook where every thread starts would cover it; one was
-tried and left out until it is understood why the server tests hung at SIGINT with it.
+Every thread started while the layer is on is also waited for at exit once it ended (a
+hook where ``threading.Thread`` starts), even if none of its MLX calls passes the layer.
 
 The same layer explains MLX's thread errors that pass through ``mx.eval`` (at no cost
-to a call that does not fail), records which thread made each ``mx.new_stream``, and arms
-the fork guard.
+to a call that does not fail) and those that end a thread or the program unhandled
+(``threading.excepthook`` / ``sys.excepthook``, which catch ``async_eval``, ``item()``
+and the rest); records which thread made each ``mx.new_stream``; and arms the fork guard.
 """
 
+import sys
 import threading
 from typing import Any, Dict, Tuple
 
@@ -27,7 +27,7 @@ from ... import diagnostics
 from ...patching.homes import module_attribute
 from ...patching.originals import Originals
 from ...registry import Patch
-from ...streams import _local, adopt_current_thread
+from ...streams import _local, adopt_current_thread, watch_thread_end
 
 _originals = Originals()
 _users: set = set()
@@ -71,17 +71,40 @@ def settle_collectives_of_this_thread() -> None:
             del pending_collectives[key]
 
 
+def _watch_end_from_start(wrapped, instance, args, kwargs):
+    # On the new thread, before any of its code, and before threading knows it as the
+    # current thread (so the name comes from the Thread object). No MLX call here.
+    watch_thread_end(instance.name)
+    return wrapped(*args, **kwargs)
+
+
+def _explain_then_report(wrapped, instance, args, kwargs):
+    # threading.excepthook(args) / sys.excepthook(type, value, traceback): the note goes
+    # on before the report prints, on the thread error however it escaped.
+    diagnostics.explain(args[0].exc_value if len(args) == 1 else args[1])
+    return wrapped(*args, **kwargs)
+
+
 def require(mlx_core, user: str) -> None:
     """Put the layer on for `user` (a patch id); the first user puts it on."""
     if not _users:
         for name, wrapper in (("eval", adopt_then_eval), ("new_stream", _record_new_stream)):
             _originals.set_attribute(mlx_core, name, wrapt.FunctionWrapper(module_attribute("mlx.core", name), wrapper))
+        for owner in (threading, sys):
+            _originals.set_attribute(owner, "excepthook", wrapt.FunctionWrapper(owner.excepthook, _explain_then_report))
+        # Every thread started from now on is waited for at exit once it ended, even one whose
+        # MLX calls the layer never sees (mlx-lm <= 0.25's generate_step: only async_eval
+        # and item() for a short prompt). _bootstrap_inner is where every threading.Thread
+        # starts (CPython 3.8-3.14).
+        if hasattr(threading.Thread, "_bootstrap_inner"):
+            _originals.set_attribute(threading.Thread, "_bootstrap_inner", wrapt.FunctionWrapper(
+                threading.Thread._bootstrap_inner, _watch_end_from_start))
         diagnostics.watch_forks()
     _users.add(user)
 
 
 def replacements():
-    """What the shared layer replaced (mx.eval, mx.new_stream), while it is on."""
+    """What the shared layer replaced (mx.eval, mx.new_stream, the excepthooks), while it is on."""
     return list(_originals.records)
 
 

@@ -9,8 +9,9 @@ of the thread (what the MLX maintainers do in mlx-lm's own tests) prevents it.
 How: a thread is adopted once, at its first ``mx.eval`` (one thread-local lookup per
 call; ``mx.async_eval``, called per token, is left alone), draw, stream or Worker call
 (see `..common.thread_adoption`); an adopted thread runs ``mx.clear_streams()`` on itself when it
-ends (see `mlx_threadsafe.streams`), and is recorded so that at exit the main thread
-waits for its OS thread to finish its C++ destructors (the package's exit hook, in
+ends (see `mlx_threadsafe.streams`). Every thread started while the patch is on, adopted
+or not (one whose MLX work is only ``async_eval`` and ``item()``), is recorded as it ends,
+so that at exit the main thread waits for its OS thread to finish its C++ destructors (the package's exit hook, in
 `mlx_threadsafe.worker`, which stays on after revert: threads that ended while the
 patch was on may still be waiting for the GIL).
 """
