@@ -69,6 +69,9 @@ def run(device: str, smoke: bool, only=None) -> Dict[str, Any]:
     if "shared_model" in sections:
         model = "tiny" if smoke else models[-1]
         results["shared_model"] = measure("shared_model", "--model", model, "--shim", *common)
+        # The same batches in a process without the shim: where a batch differs from one at
+        # a time, does it differ there too?
+        results["shared_model"]["batch_without_shim"] = measure("batch_equality", "--model", model, *common)
         n = max(results["shared_model"]["ns"])
         print(f"shared_model {model}, N = {n}: batch/threads tokens/s = "
               f"{_batch_over_threads(results['shared_model'], n):.2f}", flush=True)
@@ -98,7 +101,12 @@ def _device_name(device: str) -> str:
     return done.stdout.strip() or device
 
 
-CHURN_KINDS = ("eval", "generate")
+CHURN_KINDS = ("no_mlx", "eval", "generate")
+
+
+def _churn_kinds(churn: Dict[str, Any]) -> List[str]:
+    # Results measured before the no_mlx kind existed lack it.
+    return [kind for kind in CHURN_KINDS if kind in churn["without_shim"]]
 
 
 def _thread_churn(common: List[str], smoke: bool) -> Dict[str, Any]:
@@ -121,6 +129,7 @@ def _thread_churn(common: List[str], smoke: bool) -> Dict[str, Any]:
         summary[side] = {kind: {
             "kb_per_thread": statistics.median(run[kind]["kb_per_thread"] for run in mine),
             "samples_kb_per_thread": [run[kind]["kb_per_thread"] for run in mine],
+            "us_per_thread": statistics.median(run[kind]["us_per_thread"] for run in mine),
             "error_count": sum(run[kind]["error_count"] for run in mine),
             "errors": [e for run in mine for e in run[kind]["errors"]][:5]} for kind in CHURN_KINDS}
         summary[side]["generate"]["model"] = mine[-1]["generate"]["model"]
@@ -276,12 +285,15 @@ def _new_section_rows(results: Dict[str, Any]) -> List[str]:
                     f"{'met' if equal == len(keys) else 'missed'} |")
     churn = results.get("thread_churn")
     if churn:
-        for kind in CHURN_KINDS:
+        for kind in _churn_kinds(churn):
             without, with_ = churn["without_shim"][kind], churn["with_shim"][kind]
             errors = without["error_count"] + with_["error_count"]
-            rows.append(f"| memory kept per ended thread that ran {_CHURN_WHAT[kind]}{where(churn)} | with / without "
-                        f"the shim, KB per thread | {with_['kb_per_thread']:.1f} vs {without['kb_per_thread']:.1f} "
-                        f"KB{f'; {errors} threads failed' if errors else ''} | context | |")
+            timed = (f"; {with_['us_per_thread']:.0f} vs {without['us_per_thread']:.0f} µs a thread"
+                     if "us_per_thread" in without else "")
+            rows.append(f"| a short-lived thread that ran {_CHURN_WHAT[kind]}{where(churn)} | with / without the shim: "
+                        f"memory kept once it ended{'; its time, start to gone' if timed else ''} | "
+                        f"{with_['kb_per_thread']:.1f} vs {without['kb_per_thread']:.1f} "
+                        f"KB{timed}{f'; {errors} threads failed' if errors else ''} | context | |")
     for model, hand in (results.get("handover") or {}).items():
         rows.append(f"| BatchGenerator moved to a Worker, {model} model{where(hand)} | µs per next(): driven from "
                     f"another thread / on its building thread, median of {hand['rounds']} pairs | "
@@ -290,7 +302,8 @@ def _new_section_rows(results: Dict[str, Any]) -> List[str]:
     return rows
 
 
-_CHURN_WHAT = {"eval": "one small `mx.eval`", "generate": "`mlx_lm.generate` (4 tokens)"}
+_CHURN_WHAT = {"no_mlx": "nothing of MLX", "eval": "one small `mx.eval`",
+               "generate": "`mlx_lm.generate` (4 tokens)"}
 
 
 def _shared_model_table(shared: Dict[str, Any]) -> List[str]:
@@ -300,6 +313,17 @@ def _shared_model_table(shared: Dict[str, Any]) -> List[str]:
              "outputs compared with one request at a time, temperature 0.", "",
              "| N | mode | tokens/s | vs serial | latency p50 | max | outputs equal to serial |",
              "|---|---|---|---|---|---|---|"]
+    plain = shared.get("batch_without_shim")
+    if plain:
+        counts = {int(key[2:]): count for key, count in plain["equal_to_serial"].items()}
+        with_shim = {n: shared[f"batch/N={n}"]["requests_equal_to_serial"] for n in counts if f"batch/N={n}" in shared}
+        same = all(with_shim.get(n) == count for n, count in counts.items())
+        differs = any(count < n for n, count in counts.items())
+        lines[2:2] = [f"Without the shim (another process, one thread), one BatchGenerator answers "
+                      f"{', '.join(f'{count} of {n}' for n, count in counts.items())} requests as one at a time "
+                      f"does; with it (below) {', '.join(f'{count} of {n}' for n, count in with_shim.items())}"
+                      + (": the batched arithmetic differs from one at a time, with or without the shim."
+                         if same and differs else "."), ""]
     for n in shared["ns"]:
         serial = shared[f"serial/N={n}"]["tokens_per_s"]
         for mode in ("serial", "threads", "batch"):
@@ -318,14 +342,17 @@ def _thread_churn_table(churn: Dict[str, Any]) -> List[str]:
     lines = [f"### {_TITLES['thread_churn']} ({churn['model']} model)", "",
              f"Measured on {_on(churn)}. RSS ({churn['rss_source']}) after {churn['warm_up_threads']} warm-up "
              f"threads and after {churn['threads']} more, one at a time, each gone before the next; median of "
-             f"{runs} process{'es' if runs > 1 else ''} per side, the sides interleaved.", "",
-             "| each thread runs | without the shim, KB per thread | with the shim | failed threads (without / with) "
-             "| model of the generate threads |", "|---|---|---|---|---|"]
-    for kind in CHURN_KINDS:
+             f"{runs} process{'es' if runs > 1 else ''} per side, the sides interleaved. Time: start, join "
+             "and the OS thread gone, per thread.", "",
+             "| each thread runs | without the shim, KB per thread | with the shim | µs per thread, without / with "
+             "| failed threads (without / with) | model of the generate threads |", "|---|---|---|---|---|---|"]
+    for kind in _churn_kinds(churn):
         without, with_ = churn["without_shim"][kind], churn["with_shim"][kind]
         model = (f"{without.get('model', '')} / {with_.get('model', '')}" if kind == "generate" else "")
+        timed = (f"{without['us_per_thread']:.0f} / {with_['us_per_thread']:.0f}" if "us_per_thread" in without
+                 else "not measured")
         lines.append(f"| {_CHURN_WHAT[kind]} | {without['kb_per_thread']:.1f} | {with_['kb_per_thread']:.1f} | "
-                     f"{without['error_count']} / {with_['error_count']} | {model} |")
+                     f"{timed} | {without['error_count']} / {with_['error_count']} | {model} |")
     return lines
 
 
@@ -346,7 +373,8 @@ def _handover_table(handover: Dict[str, Any]) -> List[str]:
 
 
 _TITLES = {"shared_model": "One model, N requests at once: N threads or one BatchGenerator",
-           "thread_churn": "Memory kept per ended thread", "handover": "A BatchGenerator moved to a Worker"}
+           "thread_churn": "Short-lived threads: memory kept and time",
+           "handover": "A BatchGenerator moved to a Worker"}
 
 
 def _not_measured(name: str, device: str) -> List[str]:
@@ -417,7 +445,7 @@ def check_smoke(results: Dict[str, Any], render: bool = True) -> None:
     churn = results.get("thread_churn")
     if churn:
         for side in ("without_shim", "with_shim"):
-            for kind in CHURN_KINDS:
+            for kind in _churn_kinds(churn):
                 if churn[side][kind]["error_count"]:
                     problems.append(f"thread_churn {side} {kind}: {churn[side][kind]['errors'][0]}")
     for model, hand in (results.get("handover") or {}).items():

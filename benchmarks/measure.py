@@ -15,6 +15,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -142,14 +143,30 @@ print(json.dumps([imported - start, installed - imported, planned - installed, m
 """
 
 
+_PYCACHE = os.path.join(tempfile.gettempdir(), "mlx-threadsafe-bench-pycache")
+
+
+def _installed_env(**changes: str) -> Dict[str, str]:
+    """The environment of a start-up sample: bytecode cached, as pip leaves an installed package.
+
+    An editable install (or PYTHONDONTWRITEBYTECODE, set on some machines) would make every
+    sample compile the package and its dependencies from source, which no installed
+    application does. Each measurement runs its command once first, to fill the cache.
+    """
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONDONTWRITEBYTECODE", "MLX_THREADSAFE")}
+    return dict(env, PYTHONPYCACHEPREFIX=_PYCACHE, **changes)
+
+
 def install_cost(samples: int = 15) -> Dict[str, Any]:
     """Import and install() times (medians of fresh processes), and the modules they add to an mlx-lm application."""
     import subprocess
 
     def sample() -> List[Any]:
-        done = subprocess.run([sys.executable, "-c", _INSTALL_SAMPLE], capture_output=True, text=True, check=True)
+        done = subprocess.run([sys.executable, "-c", _INSTALL_SAMPLE], capture_output=True, text=True, check=True,
+                              env=_installed_env())
         return json.loads(done.stdout.strip().splitlines()[-1])
 
+    sample()  # fills the bytecode cache
     runs = [sample() for _ in range(samples)]
     median_ms = [statistics.median(run[index] for run in runs) * 1e3 for index in range(4)]
     # What the shim adds to a process that already imported mlx_lm (the application it serves).
@@ -175,10 +192,11 @@ def startup_hook_cost() -> Dict[str, Any]:
     runs = 100000
     per_line_s = timeit.timeit(lambda: exec(line, {}), number=runs) / runs
     starts = []
-    for _ in range(10):
+    for _ in range(11):
         start = time.perf_counter()
-        subprocess.run([sys.executable, "-c", "pass"], check=True)
+        subprocess.run([sys.executable, "-c", "pass"], check=True, env=_installed_env())
         starts.append(time.perf_counter() - start)
+    del starts[0]  # filled the bytecode cache
     interpreter_start_s = statistics.median(starts)
     return {"hook_line_us": per_line_s * 1e6, "interpreter_start_ms": interpreter_start_s * 1e3,
             "share_of_start": per_line_s / interpreter_start_s, **_startup_with_the_variable()}
@@ -189,12 +207,12 @@ def _startup_with_the_variable(pairs: int = 15) -> Dict[str, Any]:
     import subprocess
 
     def start(variable: bool) -> float:
-        env = dict(os.environ, MLX_THREADSAFE="1") if variable else {
-            k: v for k, v in os.environ.items() if k != "MLX_THREADSAFE"}
+        env = _installed_env(MLX_THREADSAFE="1") if variable else _installed_env()
         began = time.perf_counter()
         subprocess.run([sys.executable, "-c", "pass"], check=True, env=env)
         return time.perf_counter() - began
 
+    start(True), start(False)  # fill the bytecode cache
     ratios, bare, hooked = [], [], []
     for index in range(pairs):
         order = (False, True) if index % 2 == 0 else (True, False)
@@ -428,6 +446,25 @@ def shared_model(path: str, smoke: bool, device: str) -> Dict[str, Any]:
     return results
 
 
+def batch_equality(path: str, smoke: bool, device: str) -> Dict[str, Any]:
+    """How many of N requests one BatchGenerator, on one thread, answers as one at a time does.
+
+    Run without the shim: a batch whose outputs differ from one-at-a-time in the
+    shared_model section differs here as well when the cause is the batched arithmetic
+    (padding, other kernel shapes in bfloat16), not the shim.
+    """
+    ns = (2,) if smoke else (4, 8)
+    tokens = 8 if smoke else (128 if device == "gpu" else 64)
+    model, _ = _load(path)
+    prompts = [request_prompt(i) for i in range(max(ns))]
+    reference = _serial_requests(model, prompts, tokens)["outputs"]
+    equal = {}
+    for n in ns:
+        outputs = _batched_requests(model, prompts[:n], tokens)["outputs"]
+        equal[f"N={n}"] = sum(got == want for got, want in zip(outputs, reference))
+    return {"tokens": tokens, "equal_to_serial": equal}
+
+
 # ------------------------------------------------------------------ a BatchGenerator handed to a Worker
 
 
@@ -526,12 +563,14 @@ def _os_thread_gone(native_id: int, timeout: float = 1.0) -> None:
 
 
 def thread_churn(path: str, smoke: bool, own_model: bool) -> Dict[str, Any]:
-    """RSS growth per short-lived thread: warm up, read RSS, run threads one after another, read again.
+    """RSS growth and time per short-lived thread: warm up, read RSS, run threads one after another, read again.
 
-    Two kinds of thread, each started, joined and gone before the next: one evaluates a
-    small array; one runs ``mlx_lm.generate`` (4 tokens) on the process's model, or on a
-    model it loads itself (`own_model`, or when a warm-up thread fails on the shared one:
-    that side then records why). A thread that raises is counted as an error, not a sample.
+    Three kinds of thread, each started, joined and gone before the next: one that never
+    touches MLX (what a server's connection threads cost under the shim, which watches
+    every thread from its start); one that evaluates a small array; one that runs
+    ``mlx_lm.generate`` (4 tokens) on the process's model, or on a model it loads itself
+    (`own_model`, or when a warm-up thread fails on the shared one: that side then records
+    why). A thread that raises is counted as an error, not a sample.
     """
     import gc
 
@@ -543,6 +582,9 @@ def thread_churn(path: str, smoke: bool, own_model: bool) -> Dict[str, Any]:
     _decode(model, 4)
     mode = {"model": "loaded per thread" if own_model else "shared", "probe_error": None}
 
+    def no_mlx() -> None:
+        pass
+
     def evaluate() -> None:
         mx.eval(mx.ones((16, 16)) @ mx.ones((16, 16)))
 
@@ -550,26 +592,29 @@ def thread_churn(path: str, smoke: bool, own_model: bool) -> Dict[str, Any]:
         m, t = _load(path) if mode["model"] != "shared" else (model, tokenizer)
         generate(m, t, prompt=PROMPT, max_tokens=4)
 
-    def run(body, threads: int, errors: List[str]) -> None:
+    def run(body, threads: int, errors: List[str]) -> float:
+        """Seconds for `threads` threads, each started, joined and gone before the next."""
         def target() -> None:
             try:
                 body()
             except Exception as error:  # noqa: BLE001 - recorded: a failed thread is no sample
                 errors.append(repr(error)[:300])
 
+        start = time.perf_counter()
         for index in range(threads):
             thread = threading.Thread(target=target, name=f"churn-{index}")
             thread.start()
             thread.join()
             if thread.native_id is not None:
                 _os_thread_gone(thread.native_id)
+        return time.perf_counter() - start
 
     def settled_rss() -> float:
         gc.collect()
         return rss_kb()[0]
 
     results: Dict[str, Any] = {"threads": count, "warm_up_threads": warm, "rss_source": rss_kb()[1]}
-    for kind, body in (("eval", evaluate), ("generate", run_generate)):
+    for kind, body in (("no_mlx", no_mlx), ("eval", evaluate), ("generate", run_generate)):
         errors: List[str] = []
         run(body, warm, errors)
         if errors and kind == "generate" and mode["model"] == "shared":
@@ -579,10 +624,11 @@ def thread_churn(path: str, smoke: bool, own_model: bool) -> Dict[str, Any]:
             run(body, warm, errors)
         before = settled_rss()
         errors = []
-        run(body, count, errors)
+        seconds = run(body, count, errors)
         after = settled_rss()
-        results[kind] = {"kb_per_thread": (after - before) / count, "rss_before_kb": before,
-                         "rss_after_kb": after, "error_count": len(errors), "errors": errors[:5]}
+        results[kind] = {"kb_per_thread": (after - before) / count, "us_per_thread": seconds / count * 1e6,
+                         "rss_before_kb": before, "rss_after_kb": after, "error_count": len(errors),
+                         "errors": errors[:5]}
     results["generate"].update(mode)
     return results
 
@@ -615,6 +661,8 @@ def main(argv: List[str]) -> int:
         result = concurrency(model_dir(values["--model"], device), shim, smoke, device)
     elif section == "shared_model":
         result = dict(shared_model(model_dir(values["--model"], device), smoke, device), model=values["--model"])
+    elif section == "batch_equality":
+        result = batch_equality(model_dir(values["--model"], device), smoke, device)
     elif section == "handover":
         result = dict(handover(model_dir(values["--model"], device), smoke), model=values["--model"])
     elif section == "thread_churn":
