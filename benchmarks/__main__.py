@@ -182,7 +182,7 @@ def _ratio_rows(results: Dict[str, Any]) -> List[str]:
     foreign = [m for m in inst["added_to_mlx_lm_app"] if m not in ("mlx_threadsafe", "wrapt", "packaging")
                and m not in getattr(sys, "stdlib_module_names", ())]
     rows.append(f"| `import mlx_threadsafe` | time; top-level modules it adds to an mlx-lm application | "
-                f"{inst['import_ms']:.0f} ms; {', '.join(inst['added_to_mlx_lm_app'])} | itself, its dependencies "
+                f"{inst['import_ms']:.1f} ms; {', '.join(inst['added_to_mlx_lm_app'])} | itself, its dependencies "
                 f"(wrapt, packaging) and the standard library only | "
                 f"{'met' if not foreign else 'missed'} |")
     total = inst["import_ms"] + inst["install_ms"]
