@@ -191,12 +191,12 @@ def startup_hook_cost() -> Dict[str, Any]:
     os.environ.pop("MLX_THREADSAFE", None)
     runs = 100000
     per_line_s = timeit.timeit(lambda: exec(line, {}), number=runs) / runs
+    subprocess.run([sys.executable, "-c", "pass"], check=True, env=_installed_env())  # fills the bytecode cache
     starts = []
-    for _ in range(11):
+    for _ in range(10):
         start = time.perf_counter()
         subprocess.run([sys.executable, "-c", "pass"], check=True, env=_installed_env())
         starts.append(time.perf_counter() - start)
-    del starts[0]  # filled the bytecode cache
     interpreter_start_s = statistics.median(starts)
     return {"hook_line_us": per_line_s * 1e6, "interpreter_start_ms": interpreter_start_s * 1e3,
             "share_of_start": per_line_s / interpreter_start_s, **_startup_with_the_variable()}
@@ -212,7 +212,8 @@ def _startup_with_the_variable(pairs: int = 15) -> Dict[str, Any]:
         subprocess.run([sys.executable, "-c", "pass"], check=True, env=env)
         return time.perf_counter() - began
 
-    start(True), start(False)  # fill the bytecode cache
+    for variable in (True, False):  # fill the bytecode cache
+        start(variable)
     ratios, bare, hooked = [], [], []
     for index in range(pairs):
         order = (False, True) if index % 2 == 0 else (True, False)
@@ -405,6 +406,11 @@ def _batched_requests(model, prompts: List[List[int]], tokens: int) -> Dict[str,
 _SHARED_MODES = {"serial": _serial_requests, "threads": _threaded_requests, "batch": _batched_requests}
 
 
+def _shared_model_tokens(smoke: bool, device: str) -> int:
+    """Tokens per request in shared_model, and in batch_equality, whose batches it is compared with."""
+    return 8 if smoke else (128 if device == "gpu" else 64)
+
+
 def shared_model(path: str, smoke: bool, device: str) -> Dict[str, Any]:
     """N requests on one model: one at a time, N threads (the shim installed), or one BatchGenerator.
 
@@ -414,7 +420,7 @@ def shared_model(path: str, smoke: bool, device: str) -> Dict[str, Any]:
     to the request's last token. Outputs are compared with the first serial round's.
     """
     ns = (1, 2) if smoke else (1, 2, 4, 8)
-    tokens = 8 if smoke else (128 if device == "gpu" else 64)
+    tokens = _shared_model_tokens(smoke, device)
     rounds = 1 if smoke else 2
     model, _ = _load(path)
     prompts = [request_prompt(i) for i in range(max(ns))]
@@ -454,7 +460,7 @@ def batch_equality(path: str, smoke: bool, device: str) -> Dict[str, Any]:
     (padding, other kernel shapes in bfloat16), not the shim.
     """
     ns = (2,) if smoke else (4, 8)
-    tokens = 8 if smoke else (128 if device == "gpu" else 64)
+    tokens = _shared_model_tokens(smoke, device)
     model, _ = _load(path)
     prompts = [request_prompt(i) for i in range(max(ns))]
     reference = _serial_requests(model, prompts, tokens)["outputs"]

@@ -128,9 +128,10 @@ def pins_for(package: str, release: str) -> List[str]:
 
 def run_target(target: Target) -> Dict[str, Any]:
     record: Dict[str, Any] = {"package": target.package, "release": target.release, "mlx": target.mlx}
-    extra = (("mlx-lm",) if target.package == "mlx-lm" else ()) + tuple(pins_for(target.package, target.release))
-    if len(extra) > 1 or (extra and target.package != "mlx-lm"):
-        record["pins"] = list(extra[1:] if target.package == "mlx-lm" else extra)
+    pins = pins_for(target.package, target.release)
+    if pins:
+        record["pins"] = pins
+    extra = (("mlx-lm",) if target.package == "mlx-lm" else ()) + tuple(pins)
     try:
         python = release_python(f"{target.package}=={target.release}", mlx=target.mlx, extra=extra)
         applied = _applied_patches(python, target.package)

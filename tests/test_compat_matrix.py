@@ -17,6 +17,13 @@ def _matrix_text():
     return files("mlx_threadsafe").joinpath("compat.toml").read_text()
 
 
+def _check_with_row_changed(row, replacement, records=None):
+    """The problems `check` finds with `row` of the committed matrix (asserted present) replaced once."""
+    text = _matrix_text()
+    assert row in text
+    return verify.check(verify.load_evidence() if records is None else records, text.replace(row, replacement, 1))
+
+
 def test_the_committed_evidence_covers_the_ci_subset_and_agrees_with_the_matrix():
     records = verify.load_evidence()
     keys = {f"{r['package']}=={r['release']}" for r in records.values()}
@@ -35,31 +42,27 @@ def test_a_matrix_row_that_drops_a_needed_patch_is_caught():
 
 def test_an_mlx_row_that_drops_the_module_stream_fix_is_caught():
     # mlx 0.32.4: a stream a module makes at import fails on every other thread without it
-    row = 'patches = ["mlx.thread_cleanup", "mlx.thread_rng", "mlx.module_streams", "mlx.distributed.one_thread"]'
-    assert row in _matrix_text()
-    wrong = _matrix_text().replace(
-        row, 'patches = ["mlx.thread_cleanup", "mlx.thread_rng", "mlx.distributed.one_thread"]')
-    problems = verify.check(verify.load_evidence(), wrong)
+    problems = _check_with_row_changed(
+        'patches = ["mlx.thread_cleanup", "mlx.thread_rng", "mlx.module_streams", "mlx.distributed.one_thread"]',
+        'patches = ["mlx.thread_cleanup", "mlx.thread_rng", "mlx.distributed.one_thread"]')
     assert any("mlx0.32.4: the matrix drops mlx.module_streams, but module_stream_on_request_thread"
                in p for p in problems), problems
 
 
 def test_an_mlx_row_that_drops_the_compiled_sampler_fix_is_caught():
     # mlx 0.31.2: mlx-lm's samplers froze off the import thread without it
-    row = '"mlx.thread_cleanup", "mlx.thread_rng", "mlx.compile.random_state", "mlx.module_streams",'
-    assert row in _matrix_text()
-    wrong = _matrix_text().replace(row, '"mlx.thread_cleanup", "mlx.thread_rng", "mlx.module_streams",')
-    problems = verify.check(verify.load_evidence(), wrong)
+    problems = _check_with_row_changed(
+        '"mlx.thread_cleanup", "mlx.thread_rng", "mlx.compile.random_state", "mlx.module_streams",',
+        '"mlx.thread_cleanup", "mlx.thread_rng", "mlx.module_streams",')
     assert any("mlx0.31.2: the matrix drops mlx.compile.random_state, but compiled_sampler_advances_on_worker"
                in p for p in problems), problems
 
 
 def test_the_oldest_row_without_the_detokenizer_fix_is_caught():
     # mlx-lm 0.11.0 (it runs next to huggingface_hub < 0.25): 8 threads on one tokenizer garble text
-    row = 'releases = ">=0.0.1,<0.20.1"\npatches = ["mlx_lm.load.materialize", "mlx_lm.TokenizerWrapper.detokenizer"]'
-    assert row in _matrix_text()
-    wrong = _matrix_text().replace(row, 'releases = ">=0.0.1,<0.20.1"\npatches = ["mlx_lm.load.materialize"]')
-    problems = verify.check(verify.load_evidence(), wrong)
+    problems = _check_with_row_changed(
+        'releases = ">=0.0.1,<0.20.1"\npatches = ["mlx_lm.load.materialize", "mlx_lm.TokenizerWrapper.detokenizer"]',
+        'releases = ">=0.0.1,<0.20.1"\npatches = ["mlx_lm.load.materialize"]')
     assert any("mlx-lm==0.11.0@mlx0.32.4: the matrix drops mlx_lm.TokenizerWrapper.detokenizer, but "
                "eight_threads_share_a_tokenizer" in p for p in problems), problems
 
@@ -76,9 +79,7 @@ def test_a_matrix_row_that_adds_an_unverified_patch_is_caught():
                and r["package"] == "mlx-lm" and r["release"] == "0.20.1"}
     assert records, "the evidence lacks mlx-lm 0.20.1 on mlx 0.32.4"
     first_row = 'releases = ">=0.20.1,<0.28.0"\npatches = ["mlx_lm.generation_stream",'
-    assert first_row in _matrix_text()
-    wrong = _matrix_text().replace(first_row, first_row + ' "mlx_lm.BatchGenerator.owner",', 1)
-    problems = verify.check(records, wrong)
+    problems = _check_with_row_changed(first_row, first_row + ' "mlx_lm.BatchGenerator.owner",', records)
     assert any("applies mlx_lm.BatchGenerator.owner, but the evidence never ran it" in p for p in problems), problems
 
 

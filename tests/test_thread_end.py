@@ -78,7 +78,7 @@ thread.join()
 """
 
 
-# A thread adopted at its first draw, and one whose MLX calls the shim never sees (adopted
+# A thread adopted at its first draw, and one whose MLX calls the shim never sees (watched
 # from its start). On mlx 0.31.2 the compiled function alone does not abort without the shim.
 @pytest.mark.parametrize("mlx_version, work", [
     ("installed", "draw"), ("installed", "compiled_async_eval_item"),
