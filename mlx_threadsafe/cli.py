@@ -21,6 +21,7 @@ DOCTOR_SCENARIOS = [
     "batch_generator_handoff",
     "batch_generator_shared_by_8_threads",
     "module_stream_on_request_thread",
+    "streams_held_anywhere_on_request_threads",
     "batch_generator_collected_on_foreign_thread",
 ]
 

@@ -1,8 +1,6 @@
 """Errors that say which thread and what to do; a forked child that refuses MLX instead of hanging.
 
-Which thread made which stream: the shim records the creating thread of every stream
-made through ``mx.new_stream`` and of each adopted thread's default stream (one dict
-write per stream, never per call). When MLX's ``There is no Stream(cpu, 3) in current
+Which thread made which stream comes from `stream_owners`. When MLX's ``There is no Stream(cpu, 3) in current
 thread`` passes through anything the shim wraps, `explain` adds a note (PEP 678) that
 names the thread owning that stream, the thread that used it, and the fixes. The
 exception's type and message stay as MLX made them.
@@ -19,62 +17,41 @@ array methods that read values (``item``, ``tolist``, ``__array__``, ...) raise
 from __future__ import annotations
 
 import os
-import re
 import sys
 import threading
-import weakref
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, List
 
+from . import stream_owners
 from .errors import ForkedAfterMlxUse, is_thread_error
 
-# (device type, stream index) -> (name, weak reference) of the creating thread.
-_stream_threads: Dict[Tuple[str, int], Tuple[str, Any]] = {}
-_STREAM = re.compile(r"Stream\((?:Device\()?(\w+)(?:, \d+\))?, (\d+)\)")
 _NOTED = "_mlx_threadsafe_noted"
 
 FIXES = ("Lazy arrays and streams belong to the thread that made them. Fixes: evaluate on that thread "
          "before handing results over (mx.eval(x), or mlx_threadsafe.materialize(obj) for a model or a "
          "container); or run every call on one owner, a mlx_threadsafe.Worker; or load models with "
          "lazy=False (the default), so nothing of theirs is lazy.")
-
-
-def stream_key(text: str) -> Optional[Tuple[str, int]]:
-    """(device type, index) of the first stream named in `text` (``Stream(cpu, 3)`` or ``str(stream)``)."""
-    match = _STREAM.search(text)
-    return (match.group(1), int(match.group(2))) if match else None
-
-
-def record_stream(stream: Any) -> None:
-    """Remember that the calling thread made `stream`."""
-    key = stream_key(str(stream))
-    if key is not None:
-        thread = threading.current_thread()
-        # A weak reference, not the ident: the OS hands an ended thread's ident to the next one.
-        _stream_threads[key] = (thread.name, weakref.ref(thread))
-
-
-def stream_owner(key: Tuple[str, int]) -> Optional[str]:
-    owner = _stream_threads.get(key)
-    if owner is None:
-        return None
-    name, thread_ref = owner
-    thread = thread_ref()
-    alive = thread is not None and thread.is_alive()
-    return f"{name!r}" + ("" if alive else " (it has ended)")
+# A stream passed as stream= to an op is not remapped (that would cost every op a check).
+STREAM_ARGUMENT_FIX = ("If the stream was passed as stream= to an op, enter it instead (with mx.stream(s): ...): "
+                       "under mlx_threadsafe that gives this thread its own stream on the same device.")
 
 
 def explain(error: BaseException) -> BaseException:
     """Add a note naming the threads and the fix to MLX's thread error (once); returns `error`."""
     if not is_thread_error(error) or getattr(error, _NOTED, False) or not hasattr(error, "add_note"):
         return error
-    key = stream_key(str(error))
-    owner = stream_owner(key) if key is not None else None
+    key = stream_owners.key_in(str(error))
+    owner = stream_owners.owner(key) if key is not None else None
     here = threading.current_thread().name
     stream = f"Stream({key[0]}, {key[1]})" if key is not None else "that stream"
-    made_by = (f"{stream} was made by thread {owner}" if owner else
-               f"{stream} was not made on this thread (the shim has no record of its thread: a thread-local "
-               "stream, or one made before install())")
-    error.add_note(f"mlx_threadsafe: {made_by}; it was used on thread {here!r}. {FIXES}")
+    if owner is None:
+        made_by = (f"{stream} was not made on this thread (the shim has no record of its thread: a thread-local "
+                   "stream, or one made before install())")
+    elif owner.kind == "default":
+        made_by = f"{stream} is the default stream of thread {stream_owners.describe_owner(key)}"
+    else:
+        made_by = f"{stream} was made by thread {stream_owners.describe_owner(key)}"
+    hint = f" {STREAM_ARGUMENT_FIX}" if owner is not None and owner.kind == "made" else ""
+    error.add_note(f"mlx_threadsafe: {made_by}; it was used on thread {here!r}. {FIXES}{hint}")
     try:
         setattr(error, _NOTED, True)
     except AttributeError:

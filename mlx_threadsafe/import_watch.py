@@ -7,9 +7,8 @@ the file loaders, which path finders make anew for each module, are wrapped; mod
 other loaders bring in are not seen.
 
 It imports nothing beyond the standard library, so the start-up hook can start it in
-every process at the cost of a few microseconds per import: `mlx.module_streams` must
-see the very module that first imports mlx (its ``mx.new_stream`` at module level runs
-after that import), and the full install waits until then.
+every process at the cost of a few microseconds per import: the full install waits
+until the first import of mlx, mlx_lm or mlx_vlm.
 """
 
 from __future__ import annotations

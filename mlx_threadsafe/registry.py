@@ -164,8 +164,11 @@ def _env_list(name: str) -> List[str]:
 
 
 def _configure_logging() -> None:
+    # MLX_THREADSAFE_LOG=debug logs what the shim does; to stderr, or to MLX_THREADSAFE_LOG_FILE
+    # (appended), so that a program's own output stays exactly what it is without the shim.
     if os.environ.get("MLX_THREADSAFE_LOG", "").lower() == "debug" and not log.handlers:
-        handler = logging.StreamHandler()
+        path = os.environ.get("MLX_THREADSAFE_LOG_FILE")
+        handler = logging.FileHandler(path, delay=True) if path else logging.StreamHandler()
         handler.setFormatter(logging.Formatter("mlx_threadsafe: %(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.DEBUG)

@@ -31,6 +31,8 @@ import zlib
 from collections import Counter
 from typing import Any, Callable, Dict, List, Optional
 
+from . import stream_owners
+
 log = logging.getLogger("mlx_threadsafe")
 
 _local = threading.local()
@@ -185,11 +187,16 @@ def _note_first_use() -> None:
     from . import diagnostics
 
     diagnostics.mark_mlx_used()
+    record_default_stream()
+
+
+def record_default_stream() -> None:
+    """Record the calling thread's default stream (for the errors that name threads)."""
     try:
         import mlx.core as mx
 
-        diagnostics.record_stream(mx.default_stream(mx.default_device()))
-    except Exception:  # noqa: BLE001 - diagnostics never break the adoption
+        stream_owners.record(mx.default_stream(mx.default_device()), "default")
+    except Exception:  # noqa: BLE001 - records never break the adoption
         pass
 
 
@@ -220,11 +227,20 @@ def generation_stream(device: Any = None) -> Any:
     key = str(device)
     stream = streams.get(key)
     if stream is None:
-        adopt_current_thread()
-        stream = streams[key] = mx.new_stream(device)
-        end = getattr(_local, "end", None)
-        if end:
-            end.owns_streams = True
+        stream = streams[key] = new_owned_stream(device)
+    return stream
+
+
+def new_owned_stream(device: Any) -> Any:
+    """A new stream on the calling thread, released on this thread when it ends."""
+    import mlx.core as mx
+
+    adopt_current_thread()
+    stream = mx.new_stream(device)
+    stream_owners.record(stream)
+    end = getattr(_local, "end", None)
+    if end:
+        end.owns_streams = True
     return stream
 
 

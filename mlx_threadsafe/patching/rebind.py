@@ -18,17 +18,23 @@ from typing import Any, List
 from .originals import Originals
 
 
+def _is_a(value: Any, kinds: Any) -> bool:
+    # isinstance() falls back to reading value.__class__, which runs code in foreign objects
+    # (a deprecation shim warns, a lazy proxy imports); the type itself never does.
+    return issubclass(type(value), kinds)
+
+
 def rebind_everywhere(original: Any, replacement: Any, originals: Originals) -> List[str]:
     """Point every module global and default argument bound to `original` at `replacement`.
 
     Returns a description of each holder that could not be repointed (instances,
     containers, closures): copies that keep the original.
     """
-    holders = [r for r in gc.get_referrers(original) if not isinstance(r, types.FrameType)]
-    modules_by_dict = {id(vars(m)): m for m in list(sys.modules.values()) if isinstance(m, types.ModuleType)}
+    holders = [r for r in gc.get_referrers(original) if not _is_a(r, types.FrameType)]
+    modules_by_dict = {id(vars(m)): m for m in list(sys.modules.values()) if _is_a(m, types.ModuleType)}
     unreachable: List[str] = []
     for holder in holders:
-        if isinstance(holder, dict) and id(holder) in modules_by_dict:
+        if _is_a(holder, dict) and id(holder) in modules_by_dict:
             module = modules_by_dict[id(holder)]
             for name, value in list(holder.items()):
                 if value is original:
@@ -41,9 +47,9 @@ def rebind_everywhere(original: Any, replacement: Any, originals: Originals) -> 
                     _repoint_defaults(defaults, original, replacement, originals, function)
                 if kwdefaults is not None and not any(kwdefaults is h for h in holders):
                     _repoint_kwdefaults(kwdefaults, original, replacement, originals, function)
-        elif isinstance(holder, tuple) and _repoint_defaults(holder, original, replacement, originals):
+        elif _is_a(holder, tuple) and _repoint_defaults(holder, original, replacement, originals):
             continue
-        elif isinstance(holder, dict) and _repoint_kwdefaults(holder, original, replacement, originals):
+        elif _is_a(holder, dict) and _repoint_kwdefaults(holder, original, replacement, originals):
             continue
         elif _is_internal(holder, original):
             continue
@@ -53,17 +59,18 @@ def rebind_everywhere(original: Any, replacement: Any, originals: Originals) -> 
 
 
 def _functions_holding(container: Any) -> List[types.FunctionType]:
-    return [f for f in gc.get_referrers(container) if isinstance(f, types.FunctionType)]
+    return [f for f in gc.get_referrers(container) if _is_a(f, types.FunctionType)]
 
 
 def _functions_of(module: types.ModuleType) -> List[types.FunctionType]:
     """The functions a module defines: at its top level and in its classes."""
     found = []
     for value in list(vars(module).values()):
-        candidates = vars(value).values() if isinstance(value, type) else (value,)
+        candidates = vars(value).values() if _is_a(value, type) else (value,)
         for candidate in list(candidates):
-            candidate = getattr(candidate, "__func__", candidate)  # staticmethod / classmethod
-            if isinstance(candidate, types.FunctionType) and candidate.__module__ == module.__name__:
+            if _is_a(candidate, (staticmethod, classmethod)):
+                candidate = candidate.__func__
+            if _is_a(candidate, types.FunctionType) and candidate.__module__ == module.__name__:
                 found.append(candidate)
     return found
 
@@ -94,15 +101,23 @@ def _repoint_kwdefaults(kwdefaults: dict, original: Any, replacement: Any, origi
 def _is_internal(holder: Any, original: Any) -> bool:
     # A function's own __dict__/__wrapped__ chain, a bound method or a wrapt wrapper of
     # the original are not copies that run the original by themselves.
-    if isinstance(holder, types.MethodType) or type(holder).__module__.startswith("wrapt"):
+    if _is_a(holder, types.MethodType) or type(holder).__module__.startswith("wrapt"):
         return True
-    return isinstance(holder, types.CellType)
+    return _is_a(holder, types.CellType)
+
+
+def _own_dict(value: Any) -> Any:
+    # Past any __getattribute__ of the object's class (a lazy proxy's runs code).
+    try:
+        return object.__getattribute__(value, "__dict__")
+    except (AttributeError, TypeError):
+        return None
 
 
 def _describe(holder: Any) -> str:
-    if isinstance(holder, dict):
+    if _is_a(holder, dict):
         for owner in gc.get_referrers(holder):
-            if getattr(owner, "__dict__", None) is holder:
+            if _own_dict(owner) is holder:
                 return f"an attribute of a {type(owner).__module__}.{type(owner).__qualname__}"
         return "a dict"
     return f"a {type(holder).__module__}.{type(holder).__qualname__}"

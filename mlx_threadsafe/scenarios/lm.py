@@ -157,3 +157,86 @@ def module_stream_on_request_thread() -> str:
     return f"{got} on the request thread and on the importing thread"
 
 
+
+
+_MODULE_HOLDING_STREAMS = """
+import queue
+
+import mlx.core as mx
+
+
+class Engine:
+    STREAM = mx.new_stream(mx.default_device())  # a class attribute, at import
+
+
+STREAMS = {"gen": mx.new_stream(mx.default_device())}  # a container, at import
+
+
+class Loader:
+    # A data loader that prefetches on a thread, with the stream it made in __init__.
+    def __init__(self):
+        self.stream = mx.new_stream(mx.default_device())
+        self.batches = queue.Queue()
+
+    def prefetch(self):
+        with mx.stream(self.stream):
+            batch = mx.arange(4) * 3
+        mx.eval(batch)
+        self.batches.put(batch.tolist())
+
+
+def double_on(stream):
+    with mx.stream(stream):
+        y = mx.ones(4) * 2
+    mx.eval(y)
+    return y.tolist()
+
+
+def plus_one_by_default(stream):
+    mx.set_default_stream(stream)
+    y = mx.ones(2) + 1
+    mx.eval(y)
+    return y.tolist()
+"""
+
+
+@scenario("streams held anywhere (class and instance attributes, containers, made in main()) entered on "
+          "request threads")
+def streams_held_anywhere_on_request_threads() -> str:
+    import importlib
+    import tempfile
+    import threading
+
+    import mlx.core as mx
+
+    folder = tempfile.mkdtemp(prefix="mlx_threadsafe-streams-")
+    with open(os.path.join(folder, "module_holding_streams.py"), "w") as file:
+        file.write(_MODULE_HOLDING_STREAMS)
+    sys.path.insert(0, folder)
+    module = importlib.import_module("module_holding_streams")
+    engine = type("Engine", (), {})()
+    engine.stream = mx.new_stream(mx.default_device())  # an instance attribute, made after import
+    made_in_main = mx.new_stream(mx.default_device())
+    held = {"class attribute": module.Engine.STREAM, "container": module.STREAMS["gen"],
+            "instance attribute": engine.stream, "made in main()": made_in_main}
+    failed = {}
+    for where, stream in held.items():
+        try:
+            got = on_new_thread(module.double_on, stream)
+            if got != module.double_on(stream):
+                failed[where] = f"computed {got}"
+        except RuntimeError as error:
+            failed[where] = str(error).splitlines()[0]
+    try:
+        on_new_thread(module.plus_one_by_default, made_in_main)
+    except RuntimeError as error:
+        failed["set_default_stream"] = str(error).splitlines()[0]
+    loader = module.Loader()
+    prefetching = threading.Thread(target=loader.prefetch, name="prefetch")
+    prefetching.start()
+    prefetching.join()
+    if loader.batches.empty():
+        failed["data loader's self.stream"] = "the prefetch thread produced nothing"
+    if failed:
+        raise AssertionError("; ".join(f"{where}: {why}" for where, why in failed.items()))
+    return f"{len(held) + 2} places, each entered on another thread, computed what the making thread computes"

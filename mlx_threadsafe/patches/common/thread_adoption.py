@@ -23,7 +23,7 @@ from typing import Any, Dict, Tuple
 
 import wrapt
 
-from ... import diagnostics
+from ... import diagnostics, stream_owners
 from ...patching.homes import module_attribute
 from ...patching.originals import Originals
 from ...registry import Patch
@@ -49,10 +49,10 @@ def adopt_then_call(wrapped, instance, args, kwargs):
 
 
 def _record_new_stream(wrapped, instance, args, kwargs):
+    stream = wrapped(*args, **kwargs)  # first: adoption may make the thread's default stream
+    stream_owners.record(stream)
     if not getattr(_local, "adopted", False):
         adopt_current_thread()
-    stream = wrapped(*args, **kwargs)
-    diagnostics.record_stream(stream)
     return stream
 
 

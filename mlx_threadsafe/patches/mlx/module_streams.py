@@ -1,100 +1,103 @@
-"""mlx.module_streams: a stream any module makes at import works on every thread.
+"""mlx.module_streams: a stream made on one thread works when another thread enters it.
 
-A module that runs ``S = mx.new_stream(mx.default_device())`` when it is imported
-binds ``S`` to the importing thread; ``with mx.stream(S)`` on any other thread
-(a request thread, ``asyncio.to_thread``) then fails with ``There is no
-Stream(cpu, 0) in current thread``. This patch repoints every concrete ``mx.Stream``
-a module holds in its globals once its import has run (and, at install, in every
-module already imported) to an ``mx.ThreadLocalStream`` on the same device: one
-object that MLX resolves to the calling thread's own stream. Name-imported copies and
-default arguments bound to it are repointed too (`rebind_everywhere`), and revert
-puts every original back.
+MLX binds each ``mx.Stream`` to the thread that made it: ``with mx.stream(s)`` or
+``mx.set_default_stream(s)`` on any other thread builds work that fails at evaluation
+with ``There is no Stream(cpu, 0) in current thread``, wherever ``s`` is held (a module
+global, a class or instance attribute, a container, a closure).
 
-A stream made later, inside a function (a thread's own stream), is never touched.
-mlx, mlx-lm and mlx-vlm are left to their own, version-gated patches.
+The rule: ``mx.stream(s)`` and ``mx.set_default_stream(s)`` given a concrete stream that
+is not the calling thread's use that thread's *twin* of it instead, a stream the thread
+makes once on the same device (released when the thread ends). ``mx.synchronize(s)``
+then waits for the twin too. On its own thread a program sees exactly what it made;
+nothing is replaced in its modules or objects, and ops are not wrapped (``stream=s``
+passed to an op still raises off its thread, with a note that says how to enter it).
+
+Whose stream it is: the record of the thread that made it (`stream_owners`), else one
+tiny evaluation on it, once per thread and stream. The id predates the general rule,
+when only module globals were covered; it is kept so the evidence stays comparable.
 """
 
 from __future__ import annotations
 
-import logging
-import sys
 import threading
 from types import ModuleType
-from typing import Any, Dict, List
+from typing import Any, Dict, Optional
 
-from ... import import_watch
-from ...patching.rebind import rebind_everywhere
+import wrapt
+
+from ... import stream_owners, streams
 from ...registry import Patch
 
-log = logging.getLogger("mlx_threadsafe")
-
-# Packages whose module streams other patches own (or that own streams on purpose).
-_LEFT_ALONE = ("mlx", "mlx_lm", "mlx_vlm", "mlx_threadsafe")
+_twins = threading.local()  # per thread: stream key -> its twin here (None: the stream is this thread's own)
 
 
-def _left_alone(module_name: str) -> bool:
-    return module_name.split(".", 1)[0] in _LEFT_ALONE
+def _usable_here(mx: ModuleType, stream: Any) -> bool:
+    # A stream made before the shim saw it: try it (one scalar op, evaluated).
+    evaluate = getattr(mx.eval, "__wrapped__", mx.eval)
+    try:
+        evaluate(mx.zeros((), stream=stream))
+        return True
+    except RuntimeError:
+        return False
 
 
-class ModuleStreamsPatch(Patch):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.repointed: Dict[str, int] = {}  # module name -> streams repointed there
-        self._lock = threading.Lock()
+def twin_of(stream: Any) -> Optional[Any]:
+    """The calling thread's twin of `stream`, or None where `stream` works here as it is."""
+    import mlx.core as mx
 
-    def _apply(self, package: ModuleType) -> None:
-        # Applied at install(), before mlx may even be imported: the first module that
-        # makes a stream at import may be the very one that imports mlx.
-        import_watch.watch(self.repoint_streams_of)
-        self.originals.on_restore(lambda: import_watch.unwatch(self.repoint_streams_of))
-        if "mlx.core" in sys.modules:
-            for module in list(sys.modules.values()):
-                if isinstance(module, ModuleType):
-                    self.repoint_streams_of(module)
-
-    def revert(self) -> None:
-        super().revert()
-        self.repointed.clear()
-
-    def repoint_streams_of(self, module: ModuleType) -> None:
-        name = getattr(module, "__name__", None)
-        if not isinstance(name, str) or _left_alone(name):
-            return
-        found = _concrete_streams(vars(module))
-        if not found:
-            return
-        import mlx.core as mx
-
-        if not hasattr(mx, "new_thread_local_stream"):
-            return  # before mlx 0.31.2: streams are not bound to threads anyway
-        with self._lock:
-            for stream in found:
-                if _held_by_left_alone(stream):
-                    continue  # a copy of mlx-lm's (or mlx-vlm's) own stream: their patches decide
-                replacement = mx.new_thread_local_stream(stream.device)
-                unreachable = rebind_everywhere(stream, replacement, self.originals)
-                self.repointed[name] = self.repointed.get(name, 0) + 1
-                log.debug("%s: module stream %s is now per thread (%d repointed in total; %d copies left: %s)",
-                          name, stream, sum(self.repointed.values()), len(unreachable), unreachable)
+    if type(stream) is not mx.Stream:  # a ThreadLocalStream, a Device: MLX resolves those itself
+        return None
+    key = stream_owners.key_of(stream)
+    if key is None:
+        return None
+    known: Dict[Any, Any] = _twins.__dict__
+    if key in known:
+        return known[key]
+    here = stream_owners.made_here(key)
+    if here is None:
+        here = _usable_here(mx, stream)
+    known[key] = None if here else streams.new_owned_stream(stream.device)
+    return known[key]
 
 
-def _held_by_left_alone(stream: Any) -> bool:
-    return any(value is stream
-               for name, module in list(sys.modules.items()) if _left_alone(name) and isinstance(module, ModuleType)
-               for value in list(vars(module).values()))
+def _with_twin(wrapped, instance, args, kwargs):
+    # mx.stream(s) / mx.set_default_stream(stream): the stream is the first argument.
+    if args:
+        twin = twin_of(args[0])
+        if twin is not None:
+            args = (twin,) + tuple(args[1:])
+    elif kwargs:
+        name = next(iter(kwargs))
+        twin = twin_of(kwargs[name])
+        if twin is not None:
+            kwargs = {**kwargs, name: twin}
+    return wrapped(*args, **kwargs)
 
 
-def _concrete_streams(namespace: Dict[str, Any]) -> List[Any]:
-    stream_type = getattr(sys.modules.get("mlx.core"), "Stream", None)
-    if stream_type is None:
-        return []
-    found: List[Any] = []
-    for value in list(namespace.values()):
-        if isinstance(value, stream_type) and not any(value is seen for seen in found):
-            found.append(value)
-    return found
+def _synchronize_twin_too(wrapped, instance, args, kwargs):
+    # The thread's work on `s` ran on its twin; what others queued on `s` itself is waited for as before.
+    stream = args[0] if args else kwargs.get("stream")
+    twin = _twins.__dict__.get(stream_owners.key_of(stream)) if type(stream) is _stream_type() else None
+    if twin is not None:
+        wrapped(twin)
+    return wrapped(*args, **kwargs)
 
 
-# Triggered by this package itself: it applies at install(), whatever is imported yet.
-PATCH = ModuleStreamsPatch("mlx.module_streams", "mlx", "mlx_threadsafe", "mx.Stream globals of every module",
-                           needs_thread_bound_streams=True)
+def _stream_type() -> Any:
+    import mlx.core as mx
+
+    return mx.Stream
+
+
+class StreamRulePatch(Patch):
+    def _apply(self, mlx_core: ModuleType) -> None:
+        # The importing (or installing) thread's default stream: the one lazy arrays made
+        # there before any thread was adopted are bound to (for the error notes).
+        streams.record_default_stream()
+        for name, wrapper in (("stream", _with_twin), ("set_default_stream", _with_twin),
+                              ("synchronize", _synchronize_twin_too)):
+            self.originals.set_attribute(mlx_core, name, wrapt.FunctionWrapper(getattr(mlx_core, name), wrapper))
+
+
+PATCH = StreamRulePatch("mlx.module_streams", "mlx", "mlx.core", "mlx.core.stream",
+                        needs_thread_bound_streams=True)
