@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
-from typing import Any, List
+from typing import Any, List, Tuple
 
 from . import stream_owners
 from .errors import ForkedAfterMlxUse, is_thread_error

@@ -208,7 +208,8 @@ FOREIGN_GLOBALS = """
     from mlx_lm import generate, load
     from mlx_threadsafe.testing import PROMPT, build_lm, on_new_thread
     model, tokenizer = load(str(build_lm("llama")))
-    print(on_new_thread(generate, model, tokenizer, PROMPT, max_tokens=3) == generate(model, tokenizer, PROMPT, max_tokens=3))
+    elsewhere = on_new_thread(generate, model, tokenizer, PROMPT, max_tokens=3)
+    print(elsewhere == generate(model, tokenizer, PROMPT, max_tokens=3))
 """
 
 
