@@ -47,9 +47,9 @@ def explain(error: BaseException) -> BaseException:
         made_by = (f"{stream} was not made on this thread (the shim has no record of its thread: a thread-local "
                    "stream, or one made before install())")
     elif owner.kind == "default":
-        made_by = f"{stream} is the default stream of thread {stream_owners.describe_owner(key)}"
+        made_by = f"{stream} is the default stream of thread {stream_owners.describe(owner)}"
     else:
-        made_by = f"{stream} was made by thread {stream_owners.describe_owner(key)}"
+        made_by = f"{stream} was made by thread {stream_owners.describe(owner)}"
     hint = f" {STREAM_ARGUMENT_FIX}" if owner is not None and owner.kind == "made" else ""
     error.add_note(f"mlx_threadsafe: {made_by}; it was used on thread {here!r}. {FIXES}{hint}")
     try:

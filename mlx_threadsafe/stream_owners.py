@@ -60,11 +60,8 @@ def made_here(key: Key) -> Optional[bool]:
     return found.thread() is threading.current_thread()
 
 
-def describe_owner(key: Key) -> Optional[str]:
-    """The owning thread's name, quoted, with "(it has ended)" where it has; None if unknown."""
-    found = _owners.get(key)
-    if found is None:
-        return None
+def describe(found: Owner) -> str:
+    """The owning thread's name, quoted, with "(it has ended)" where it has."""
     thread = found.thread()
     alive = thread is not None and thread.is_alive()
     return f"{found.thread_name!r}" + ("" if alive else " (it has ended)")
