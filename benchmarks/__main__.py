@@ -38,7 +38,7 @@ def measure(section: str, *args: str) -> Dict[str, Any]:
 
 
 SECTIONS = ["generation", "round_trip", "install", "materialize", "concurrency", "shared_model", "thread_churn",
-            "handover"]
+            "handover", "streams"]
 
 
 def run(device: str, smoke: bool, only=None) -> Dict[str, Any]:
@@ -88,6 +88,10 @@ def run(device: str, smoke: bool, only=None) -> Dict[str, Any]:
             results["handover"][model] = measure("handover", "--model", model, "--shim", *common)
             print(f"handover {model}: worker/direct µs per next() = {results['handover'][model]['ratio']:.3f}",
                   flush=True)
+    if "streams" in sections:
+        results["streams"] = measure("streams", *common)
+        print("streams: " + ", ".join(f"{case} x{row['ratio']:.2f}" for case, row in
+                                      results["streams"]["cases"].items() if row["ratio"]), flush=True)
     # Sections may be re-measured apart (--only), on another machine: each names its own.
     where = f"{_device_name(device)}, {time.strftime('%Y-%m-%d')}"
     results["measured_on"] = {section: where for section in sections}
@@ -374,7 +378,20 @@ def _handover_table(handover: Dict[str, Any]) -> List[str]:
 
 _TITLES = {"shared_model": "One model, N requests at once: N threads or one BatchGenerator",
            "thread_churn": "Short-lived threads: memory kept and time",
-           "handover": "A BatchGenerator moved to a Worker"}
+           "handover": "A BatchGenerator moved to a Worker",
+           "streams": "The stream rule: per with mx.stream(...) and per op"}
+
+
+def _streams_table(section: Dict[str, Any]) -> List[str]:
+    lines = [f"### {_TITLES['streams']}", "",
+             f"Measured on {_on(section)}. µs per call, {section['calls_per_sample']} calls a sample, "
+             f"{section['samples_per_side']} samples a side, the rule off and on alternated in one process (ABBA).",
+             "", "| call | rule off, µs | rule on, µs | ratio |", "|---|---|---|---|"]
+    for case, row in section["cases"].items():
+        off = f"{row['off_us']:.2f}" if row["off_us"] is not None else row.get("note", "-")
+        ratio = f"{row['ratio']:.2f}" if row["ratio"] is not None else "-"
+        lines.append(f"| {case} | {off} | {row['on_us']:.2f} | {ratio} |")
+    return lines
 
 
 def _not_measured(name: str, device: str) -> List[str]:
@@ -394,7 +411,7 @@ def _device_text(device: str, results: Dict[str, Any], plot: Optional[str]) -> s
     if plot:
         lines += [f"![concurrency on {device}]({plot})", ""]
     for name, table in (("shared_model", _shared_model_table), ("thread_churn", _thread_churn_table),
-                        ("handover", _handover_table)):
+                        ("handover", _handover_table), ("streams", _streams_table)):
         lines += [*table(results[name]), ""] if results.get(name) else _not_measured(name, device)
     return "\n".join(lines)
 

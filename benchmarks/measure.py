@@ -674,9 +674,13 @@ def main(argv: List[str]) -> int:
     elif section == "thread_churn":
         result = dict(thread_churn(model_dir(values["--model"], device), smoke, "--own-model" in flags),
                       shim=shim, model=values["--model"])
+    elif section == "streams":
+        from .streams import stream_rule_cost
+
+        result = stream_rule_cost(smoke)
     else:
         raise SystemExit(f"unknown section {section!r}")
-    if section in ("shared_model", "handover", "thread_churn"):
+    if section in ("shared_model", "handover", "thread_churn", "streams"):
         result["measured_on"] = measured_on(device)
     print(json.dumps(result))
     return 0

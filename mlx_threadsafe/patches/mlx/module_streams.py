@@ -29,6 +29,7 @@ from ... import stream_owners, streams
 from ...registry import Patch
 
 _twins = threading.local()  # per thread: stream key -> its twin here (None: the stream is this thread's own)
+_Stream: Any = None  # mx.Stream, set when the patch applies (the wrappers run per token in mlx-lm)
 
 
 def _usable_here(mx: ModuleType, stream: Any) -> bool:
@@ -43,18 +44,16 @@ def _usable_here(mx: ModuleType, stream: Any) -> bool:
 
 def twin_of(stream: Any) -> Optional[Any]:
     """The calling thread's twin of `stream`, or None where `stream` works here as it is."""
-    import mlx.core as mx
-
-    if type(stream) is not mx.Stream:  # a ThreadLocalStream, a Device: MLX resolves those itself
+    if type(stream) is not _Stream:  # a ThreadLocalStream, a Device: MLX resolves those itself
         return None
     key = stream_owners.key_of(stream)
-    if key is None:
-        return None
     known: Dict[Any, Any] = _twins.__dict__
-    if key in known:
-        return known[key]
+    if key is None or key in known:
+        return known.get(key)
     here = stream_owners.made_here(key)
     if here is None:
+        import mlx.core as mx
+
         here = _usable_here(mx, stream)
     known[key] = None if here else streams.new_owned_stream(stream.device)
     return known[key]
@@ -63,34 +62,32 @@ def twin_of(stream: Any) -> Optional[Any]:
 def _with_twin(wrapped, instance, args, kwargs):
     # mx.stream(s) / mx.set_default_stream(stream): the stream is the first argument.
     if args:
-        twin = twin_of(args[0])
-        if twin is not None:
-            args = (twin,) + tuple(args[1:])
+        if type(args[0]) is _Stream:
+            twin = twin_of(args[0])
+            if twin is not None:
+                return wrapped(twin, *args[1:], **kwargs)
     elif kwargs:
-        name = next(iter(kwargs))
-        twin = twin_of(kwargs[name])
+        name, stream = next(iter(kwargs.items()))
+        twin = twin_of(stream)
         if twin is not None:
-            kwargs = {**kwargs, name: twin}
+            return wrapped(**{**kwargs, name: twin})
     return wrapped(*args, **kwargs)
 
 
 def _synchronize_twin_too(wrapped, instance, args, kwargs):
     # The thread's work on `s` ran on its twin; what others queued on `s` itself is waited for as before.
     stream = args[0] if args else kwargs.get("stream")
-    twin = _twins.__dict__.get(stream_owners.key_of(stream)) if type(stream) is _stream_type() else None
-    if twin is not None:
-        wrapped(twin)
+    if type(stream) is _Stream:
+        twin = _twins.__dict__.get(stream_owners.key_of(stream))
+        if twin is not None:
+            wrapped(twin)
     return wrapped(*args, **kwargs)
-
-
-def _stream_type() -> Any:
-    import mlx.core as mx
-
-    return mx.Stream
 
 
 class StreamRulePatch(Patch):
     def _apply(self, mlx_core: ModuleType) -> None:
+        global _Stream
+        _Stream = mlx_core.Stream
         # The importing (or installing) thread's default stream: the one lazy arrays made
         # there before any thread was adopted are bound to (for the error notes).
         streams.record_default_stream()
