@@ -1,4 +1,4 @@
-"""The evidence as Markdown: the full table (compat_matrix/MATRIX.md) and the README summary."""
+"""The evidence as Markdown: the full table (compat_matrix/MATRIX.md) and the summary in docs/compat-matrix.md."""
 
 from __future__ import annotations
 
@@ -200,17 +200,20 @@ def _cpu_summary(records: Dict[str, Dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+SUMMARY_PAGE = os.path.join(ROOT, "docs", "compat-matrix.md")  # the page that holds the summary's markers
+
+
 def write(records: Dict[str, Dict[str, Any]], out_dir: Optional[str] = None) -> None:
-    """MATRIX.md and the README summary; with `out_dir`, copies there instead (the repository untouched)."""
+    """MATRIX.md and the summary in docs/compat-matrix.md; with `out_dir`, copies there (the repository untouched)."""
     matrix = os.path.join(out_dir or HERE, "MATRIX.md")
-    readme: Optional[str] = None
+    page = SUMMARY_PAGE
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
-        readme = os.path.join(out_dir, "README.md")
-        shutil.copyfile(os.path.join(ROOT, "README.md"), readme)
+        page = os.path.join(out_dir, os.path.basename(SUMMARY_PAGE))
+        shutil.copyfile(SUMMARY_PAGE, page)
     with open(matrix, "w") as sink:
         sink.write(full_table(records))
-    write_readme_block(MARKERS, summary(records), readme)
+    write_readme_block(MARKERS, summary(records), page)
 
 
 def write_readme_block(markers, content: str, readme: Optional[str] = None) -> None:
