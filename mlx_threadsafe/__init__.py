@@ -87,14 +87,22 @@ def _get_registry() -> "Registry":
     return _registry
 
 
-def install(*, only: Optional[Iterable[str]] = None, exclude: Optional[Iterable[str]] = None) -> "Status":
+def install(*, only: Optional[Iterable[str]] = None, exclude: Optional[Iterable[str]] = None,
+            batch: Optional[bool] = None) -> "Status":
     """Apply the patches this environment needs; idempotent. Returns the status table.
 
     `only` / `exclude` take patch ids; MLX_THREADSAFE_DISABLE=id1,id2 (or *) disables
     patches from the environment. Made before any of mlx, mlx_lm, mlx_vlm is imported
     (and without `only` / `exclude`, which are checked at once), it plans just before
     the first of them is imported; the Status it returns plans when first read.
+    `batch=True` turns the batch mode on (concurrent stream_generate calls on one model
+    join one BatchGenerator: mlx_threadsafe.batching), False off; None leaves it as it
+    is (off unless MLX_THREADSAFE_BATCH=1).
     """
+    if batch is not None:
+        from . import batching
+
+        batching.set_enabled(batch)
     if only is None and exclude is None and _registry is None and not any(name in sys.modules for name in TRIGGERS):
         _defer_planning()
         from .patch_status import Status

@@ -30,15 +30,23 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("mlx_threadsafe")
     group.addoption("--mlx-threadsafe", action="store_true", default=None,
                     help="install mlx_threadsafe for the whole test run")
+    group.addoption("--mlx-threadsafe-batch", action="store_true", default=None,
+                    help="install mlx_threadsafe with the batch mode on (implies --mlx-threadsafe)")
     group.addoption("--mlx-threadsafe-timeout", type=float, default=None, metavar="SECONDS",
                     help="fail a test that runs longer, after dumping every thread's stack")
     parser.addini("mlx_threadsafe", type="bool", default=False, help="install mlx_threadsafe for the whole test run")
     parser.addini("mlx_threadsafe_timeout", default="", help="as --mlx-threadsafe-timeout")
+    parser.addini("mlx_threadsafe_batch", type="bool", default=False, help="as --mlx-threadsafe-batch")
 
 
 def _active(config: pytest.Config) -> bool:
     option = config.getoption("--mlx-threadsafe")
-    return bool(option) if option is not None else bool(config.getini("mlx_threadsafe"))
+    return bool(option) if option is not None else bool(config.getini("mlx_threadsafe")) or _batch(config)
+
+
+def _batch(config: pytest.Config) -> bool:
+    option = config.getoption("--mlx-threadsafe-batch")
+    return bool(option) if option is not None else bool(config.getini("mlx_threadsafe_batch"))
 
 
 def _timeout(config: pytest.Config) -> Optional[float]:
@@ -54,7 +62,8 @@ def pytest_configure(config: pytest.Config) -> None:
     if config.stash[ACTIVE_KEY]:
         import mlx_threadsafe
 
-        mlx_threadsafe.install()  # each xdist worker is its own process and installs on its own
+        # each xdist worker is its own process and installs on its own
+        mlx_threadsafe.install(batch=True if _batch(config) else None)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -25,6 +25,7 @@ PATCH_ENVIRONMENTS = {
     "mlx_lm.load.materialize": None,
     "mlx_lm.BatchGenerator.owner": None,
     "mlx_lm.BatchGenerator.close_guard": None,
+    "mlx_lm.stream_generate.batch": None,
     "mlx.compile.random_state": ("mlx-lm==0.26.4", "0.31.2"),
     "mlx_lm.TokenizerWrapper.detokenizer": ("mlx-lm==0.26.4", "0.32.4"),
     "mlx_lm.generation_stream": ("mlx-lm==0.31.1", "0.32.4"),

@@ -13,6 +13,7 @@ from .mlx_lm import batch_generator_owner as lm_batch_generator_owner
 from .mlx_lm import generation_stream as lm_generation_stream
 from .mlx_lm import load_materialize as lm_load_materialize
 from .mlx_lm import server_stop_at_exit as lm_server_stop_at_exit
+from .mlx_lm import stream_generate_batch as lm_stream_generate_batch
 from .mlx_lm import tokenizer_wrapper_detokenizer
 from .mlx_vlm import batch_generator_close_guard as vlm_batch_generator_close_guard
 from .mlx_vlm import batch_generator_owner as vlm_batch_generator_owner
@@ -33,6 +34,7 @@ ALL = [
     lm_batch_generator_owner.PATCH,
     lm_batch_generator_close_guard.PATCH,
     lm_server_stop_at_exit.PATCH,
+    lm_stream_generate_batch.PATCH,
     vlm_generation_stream.PATCH,
     vlm_load_materialize.PATCH,
     vlm_batch_generator_owner.PATCH,
