@@ -10,7 +10,9 @@ Each block sits between two marker comments in a Markdown file and is made from 
 - docs/compat-matrix.md, `matrix-summary`: the release evidence, compat_matrix/results/evidence.json
   (also written by `python -m compat_matrix table`);
 - README.md, `verified-with`: the conformance evidence, conformance/results/evidence.json
-  (also written by `python -m conformance table`).
+  (also written by `python -m conformance table`);
+- docs/benchmarks.md, `startup-wheel`: benchmarks/results/startup-wheel.json
+  (`python -m benchmarks.wheel_startup`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Callable, Dict, List, Sequence, Tuple
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMPAT_PAGE = os.path.join(ROOT, "docs", "compat-matrix.md")
 README = os.path.join(ROOT, "README.md")
+BENCHMARKS_PAGE = os.path.join(ROOT, "docs", "benchmarks.md")
 PACKAGES = ("mlx", "mlx-lm", "mlx-vlm")
 
 if ROOT not in sys.path:  # the harnesses live at the repository root, beside the package
@@ -98,10 +101,49 @@ def _verified_with_block() -> str:
     return evidence.readme_table(evidence.load())
 
 
+def startup_table(result: dict) -> str:
+    """The start-up figures of a wheel install, against their targets."""
+    on = result["measured_on"]
+    targets = result["targets"]
+
+    def verdict(value: float, target: float) -> str:
+        return "met" if value <= target else "**missed**"
+
+    shim_first = result["install_first_total_ms"]
+    return "\n".join([
+        f"Measured {on['date']} on {on['cpus']} CPUs ({on['platform']}), Python {on['python']}, mlx {on['mlx']}, "
+        f"mlx-lm {on['mlx-lm']}, 1-minute load average {on.get('load_average_1min', 'not recorded')}; "
+        f"`{result['wheel']}`.",
+        "",
+        "| what | measured | target | |",
+        "|---|---|---|---|",
+        f"| `python -c pass`, MLX_THREADSAFE=1 against unset (median of {result['pairs']} ABBA pairs) | "
+        f"+{result['pass_added_ms']:.1f} ms ({result['pass_variable_ms']:.1f} vs {result['pass_bare_ms']:.1f} ms, "
+        f"{result['pass_ratio']:.2f}x) | ≤ +{targets['pass_added_ms']:.0f} ms | "
+        f"{verdict(result['pass_added_ms'], targets['pass_added_ms'])} |",
+        f"| `install()` first, then `import mlx_lm`: install() + what the import adds (median of "
+        f"{result['samples']} pairs) | {result['install_first_install_ms']:.1f} + "
+        f"{result['install_first_planning_ms']:.1f} = {shim_first:.1f} ms | ≤ {targets['shim_part_ms']:.0f} ms | "
+        f"{verdict(shim_first, targets['shim_part_ms'])} |",
+        f"| `import mlx_lm` first, then `import mlx_threadsafe; install()` (median of {result['samples']}) | "
+        f"{result['install_after_ms']:.1f} ms | ≤ {targets['shim_part_ms']:.0f} ms | "
+        f"{verdict(result['install_after_ms'], targets['shim_part_ms'])} |",
+        f"| for scale: a bare `import mlx_lm` | {result['mlx_lm_import_bare_ms']:.0f} ms | | |",
+    ])
+
+
+def _startup_block() -> str:
+    import json
+
+    with open(os.path.join(ROOT, "benchmarks", "results", "startup-wheel.json")) as source:
+        return startup_table(json.load(source))
+
+
 BLOCKS: List[Tuple[str, str, Callable[[], str]]] = [
     (COMPAT_PAGE, "compat-table", _compat_block),
     (COMPAT_PAGE, "matrix-summary", _matrix_summary_block),
     (README, "verified-with", _verified_with_block),
+    (BENCHMARKS_PAGE, "startup-wheel", _startup_block),
 ]
 
 
