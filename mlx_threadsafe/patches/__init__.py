@@ -8,6 +8,7 @@ every patch it requires.
 """
 
 from .mlx import compile_random_state, distributed_one_thread, module_streams, thread_cleanup, thread_rng
+from .mlx import cuda_graph_capture
 from .mlx_lm import batch_generator_close_guard as lm_batch_generator_close_guard
 from .mlx_lm import batch_generator_owner as lm_batch_generator_owner
 from .mlx_lm import generation_stream as lm_generation_stream
@@ -28,6 +29,7 @@ ALL = [
     compile_random_state.PATCH,
     module_streams.PATCH,
     distributed_one_thread.PATCH,
+    cuda_graph_capture.PATCH,
     lm_generation_stream.PATCH,
     lm_load_materialize.PATCH,
     tokenizer_wrapper_detokenizer.PATCH,

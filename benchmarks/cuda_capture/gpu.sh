@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Issue 29 on the lent H200 (no package index there). Wheels as benchmarks/gpu_run.sh carries them:
+# mlx-cuda-13 0.32.4 split in two (`split -b 46000000`), part 00 left in /root/whl by a first call,
+# part 01 and the mlx, mlx-lm and wrapt wheels carried in .whl/b by this one.
+#   bash benchmarks/cuda_capture/gpu.sh stage1   # install; cost ABBA; rates no_shim / shim
+#   bash benchmarks/cuda_capture/gpu.sh stage2   # diagnostics and top-ups (machine still warm)
+set -uo pipefail
+REPO=$(cd "$(dirname "$0")/../.." && pwd)
+cd "$REPO"
+START=$(date +%s)
+OUT=${OUT:-/tmp/cc_out}
+RES=/root/cc  # kept between calls while the machine stays warm; copied to $OUT at the end
+mkdir -p "$OUT" "$RES" /root/whl
+trap 'cp "$RES"/*.json "$OUT"/ 2>/dev/null' EXIT
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PYTHONPATH=/tmp/site:$REPO MLX_THREADSAFE_MODEL_CACHE=/root/models HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+left() { echo $(( $1 - ($(date +%s) - START) )); }
+if [ ! -d /tmp/site/mlx ]; then
+  cat /root/whl/cuda.part00 .whl/b/cuda.part01 > /root/whl/mlx_cuda_13-0.32.4-py3-none-manylinux_2_35_x86_64.whl
+  cp .whl/b/*.whl /root/whl/
+  python3 -m pip install -q --no-index --no-deps --no-compile --disable-pip-version-check --target /tmp/site /root/whl/*.whl || exit 1
+fi
+nvidia-smi | head -15
+python3 -c 'import mlx.core as mx, mlx_lm; print(mx.__version__, mlx_lm.__version__, mx.default_device(), mx.device_info().get("device_name"))'
+case "$1" in
+  stage1)
+    python3 -c 'from benchmarks.cuda_capture.run import _model_dir, _wide_dir; print(_model_dir("qwen3"), _wide_dir())'
+    echo "setup took $(( $(date +%s) - START )) s"
+    timeout 200 python3 -m benchmarks.cuda_capture.run cost --out "$RES/cost.json" --pairs 2
+    echo "cost done at $(( $(date +%s) - START )) s"
+    python3 -m benchmarks.cuda_capture.run rates --out "$RES/rates.json" --runs no_shim=60 shim_graphs_off=60 \
+      --parallel 8 --deadline "$(left 530)"
+    ;;
+  stage2)
+    python3 -m benchmarks.cuda_capture.run rates --out "$RES/rates.json" --runs ${RUNS:-shim=25 no_shim_load_barrier=25 no_shim_both_barriers=25} \
+      --parallel 8 --deadline "$(left ${BUDGET:-300})"
+    ;;
+esac
+echo "finished at $(( $(date +%s) - START )) s"

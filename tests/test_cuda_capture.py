@@ -1,0 +1,134 @@
+"""mlx.cuda_graph_capture (issue 29): the wiring, on the CPU.
+
+The abort it prevents needs a GPU: its rates (aborts per run, without and with the shim)
+are the evidence in benchmarks/cuda_capture/ (RESULTS.md, rates.json, cost.json). Here,
+in fresh interpreters: on the CPU backend the patch is skipped with its reason and the
+environment is untouched; with the backend reported as CUDA it is opt-in
+(MLX_THREADSAFE_CUDA_GRAPHS=off), sets MLX_USE_CUDA_GRAPHS=0 only then, leaves a value the
+program set, and uninstall restores the environment; the rate harness counts runs as it
+should.
+"""
+
+import json
+
+import pytest
+from helpers import run_json
+
+from mlx_threadsafe.patches import ALL, by_id
+
+PATCH_ID = "mlx.cuda_graph_capture"
+
+# Report the CUDA backend (the patch's only check of the hardware) before install() plans.
+AS_CUDA = """
+    from mlx_threadsafe import versions
+    real = versions.detect()
+    versions.detect = lambda: versions.Environment(real.mlx, real.mlx_lm, real.mlx_vlm, "cuda")
+"""
+
+PROBE = """
+    import json, os
+    {prelude}
+    import mlx_threadsafe
+    steps = []
+    def row():
+        r = mlx_threadsafe.status()[{patch_id!r}]
+        return [str(r.state), r.reason, os.environ.get("MLX_USE_CUDA_GRAPHS")]
+    for step in {steps!r}:
+        if step == "install":
+            mlx_threadsafe.install(only=[{patch_id!r}])
+        elif step == "uninstall":
+            mlx_threadsafe.uninstall()
+        else:
+            import mlx.core
+        steps.append(row())
+    print(json.dumps(steps))
+"""
+
+
+def _probe(steps, cuda: bool, env=None):
+    code = PROBE.format(prelude=AS_CUDA if cuda else "", patch_id=PATCH_ID, steps=steps)
+    clean = {"MLX_THREADSAFE_CUDA_GRAPHS": "", "MLX_THREADSAFE": ""}
+    return run_json(code, env=dict(clean, **(env or {})))
+
+
+def _without_graph_variable(monkeypatch):
+    monkeypatch.delenv("MLX_USE_CUDA_GRAPHS", raising=False)
+
+
+def test_registered_with_its_module_and_matrix_row():
+    patch = by_id(PATCH_ID)
+    assert patch in ALL and patch.trigger == "mlx.core" and patch.package == "mlx"
+    from importlib import resources
+
+    import tomllib
+
+    matrix = tomllib.loads(resources.files("mlx_threadsafe").joinpath("compat.toml").read_text())
+    assert any(PATCH_ID in row["patches"] for row in matrix["mlx"]["rows"])
+
+
+def test_on_the_cpu_backend_it_is_skipped_and_changes_nothing(monkeypatch):
+    _without_graph_variable(monkeypatch)
+    state, reason, variable = _probe(["install", "import"], cuda=False, env={"MLX_THREADSAFE_CUDA_GRAPHS": "off"})[-1]
+    assert state == "skipped"
+    assert "only on the CUDA backend" in reason and "cpu" in reason
+    assert variable is None
+
+
+@pytest.mark.parametrize("steps", [["install", "import"], ["import", "install"]])
+def test_on_cuda_without_opt_in_it_is_skipped_and_graphs_stay_on(monkeypatch, steps):
+    _without_graph_variable(monkeypatch)
+    state, reason, variable = _probe(steps, cuda=True)[-1]
+    assert state == "skipped" and "opt-in" in reason and "MLX_THREADSAFE_CUDA_GRAPHS=off" in reason
+    assert variable is None
+
+
+@pytest.mark.parametrize("steps", [["install", "import"], ["import", "install"],
+                                   ["install", "import", "install"]])
+def test_on_cuda_opted_in_it_turns_graphs_off_before_mlx_reads_it(monkeypatch, steps):
+    _without_graph_variable(monkeypatch)
+    rows = _probe(steps, cuda=True, env={"MLX_THREADSAFE_CUDA_GRAPHS": "off"})
+    state, reason, variable = rows[-1]
+    assert state == "applied", reason
+    assert variable == "0"
+    if steps[0] == "install":
+        assert rows[0][0].startswith("pending")  # applies when mlx.core is imported: before any GPU work
+
+
+def test_uninstall_restores_the_environment(monkeypatch):
+    _without_graph_variable(monkeypatch)
+    rows = _probe(["install", "import", "uninstall", "uninstall"], cuda=True,
+                  env={"MLX_THREADSAFE_CUDA_GRAPHS": "off"})
+    assert rows[1][2] == "0"
+    assert rows[2] == ["not-installed", "install() not called", None]
+    assert rows[3][2] is None
+
+
+def test_a_value_the_program_set_is_left_alone():
+    rows = _probe(["install", "import", "uninstall"], cuda=True,
+                  env={"MLX_THREADSAFE_CUDA_GRAPHS": "off", "MLX_USE_CUDA_GRAPHS": "1"})
+    assert rows[1][0] == "applied" and rows[1][2] == "1"
+    assert rows[2][2] == "1"
+
+
+def test_the_rate_harness_counts_aborts_by_cause():
+    from benchmarks.cuda_capture.run import _summarize
+
+    capture = ["terminate called after throwing an instance of 'std::runtime_error'",
+               "  what():  cudaStreamEndCapture(stream, &handle_) failed: operation failed due to a "
+               "previous error during capture"]
+    runs = [
+        {"config": "no_shim", "rc": 0, "signal": None, "capture_error": False, "ok": True,
+         "threads_agree": True, "text": "a", "stderr_tail": []},
+        {"config": "no_shim", "rc": -6, "signal": 6, "capture_error": True, "ok": False,
+         "threads_agree": False, "text": None, "stderr_tail": capture},
+        {"config": "no_shim", "rc": -8, "signal": 8, "capture_error": False, "ok": False,
+         "threads_agree": False, "text": None, "stderr_tail": []},
+        {"config": "no_shim", "rc": 0, "signal": None, "capture_error": False, "ok": True,
+         "threads_agree": False, "text": "b", "stderr_tail": []},
+    ]
+    results = {"runs": runs}
+    _summarize(results)
+    s = results["summary"]["no_shim"]
+    assert (s["runs"], s["aborts"], s["capture_aborts"], s["ok"], s["other_failures"]) == (4, 2, 1, 1, 1)
+    assert s["signals"] == {"6": 1, "8": 1} and s["other_abort_messages"] == {"(no stderr)": 1}
+    json.dumps(results)
