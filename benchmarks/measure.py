@@ -671,6 +671,11 @@ def main(argv: List[str]) -> int:
         result = batch_equality(model_dir(values["--model"], device), smoke, device)
     elif section == "handover":
         result = dict(handover(model_dir(values["--model"], device), smoke), model=values["--model"])
+    elif section == "batch_mode":  # issue 30: benchmarks/batch_mode.py
+        from .batch_mode import batch_mode
+
+        result = dict(batch_mode(model_dir(values["--model"], device), smoke, device, tiny=values["--model"] == "tiny"),
+                      model=values["--model"], measured_on=measured_on(device))
     elif section == "thread_churn":
         result = dict(thread_churn(model_dir(values["--model"], device), smoke, "--own-model" in flags),
                       shim=shim, model=values["--model"])

@@ -300,6 +300,8 @@ def _batched_stream(batch, tokenizer, prompt, max_tokens, sampler, logits_proces
     if not isinstance(tokenizer, TokenizerWrapper):
         tokenizer = TokenizerWrapper(tokenizer)
     tokens = _prompt_tokens(tokenizer, prompt)
+    if not tokens:  # what generate_step raises for an empty prompt (a string that encodes to nothing)
+        raise ValueError("Either input_embeddings or prompt (or both) must be provided.")
     detokenizer = tokenizer.detokenizer
     eos = tokenizer.eos_token_ids
     _evaluate_captured([sampler, *(logits_processors or ())])

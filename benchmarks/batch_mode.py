@@ -1,0 +1,133 @@
+"""The batch mode (issue 30): N threads calling stream_generate on one model, against one BatchGenerator.
+
+    python -m benchmarks.measure batch_mode --model tiny|mid-cpu [--device cpu|gpu] [--smoke]
+
+One process, the shim installed. Each round runs, in ABBA order: N threads released
+together, each iterating ``stream_generate`` (its own detokenizer, every
+GenerationResponse field) with the batch mode on; the same N prompts in one
+BatchGenerator driven by one thread (built before the clock starts, as the
+shared_model section does); and, for context, the N threads with the mode off. Every
+request decodes exactly `tokens` tokens (no EOS: a random model hits it at random).
+Latency per request is from the burst's start to its last token; p50 / p99 are over
+every request of every round. Then a lone caller, mode on against off, ABBA: what one
+request alone pays for the mode.
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from typing import Any, Dict, List
+
+
+def _threads(model, tokenizer, prompts: List[List[int]], tokens: int) -> Dict[str, Any]:
+    from mlx_lm import stream_generate
+
+    n = len(prompts)
+    outputs: List[Any] = [None] * n
+    finished = [0.0] * n
+    errors: List[str] = []
+    gate = threading.Barrier(n + 1)
+    start = 0.0
+
+    def serve(index: int) -> None:
+        gate.wait()
+        try:
+            outputs[index] = [r.token for r in stream_generate(model, tokenizer, prompts[index], max_tokens=tokens)]
+        except Exception as error:  # noqa: BLE001 - recorded: a failed request is no sample
+            errors.append(repr(error)[:300])
+        finished[index] = time.perf_counter() - start
+
+    threads = [threading.Thread(target=serve, args=(i,), name=f"request-{i}") for i in range(n)]
+    for thread in threads:
+        thread.start()
+    start = time.perf_counter()
+    gate.wait()
+    for thread in threads:
+        thread.join()
+    return {"outputs": outputs, "finished": finished, "errors": errors}
+
+
+def _lone(model, tokenizer, tokens: int) -> float:
+    from mlx_lm import stream_generate
+
+    from .measure import PROMPT
+
+    start = time.perf_counter()
+    count = sum(1 for _ in stream_generate(model, tokenizer, PROMPT, max_tokens=tokens))
+    return count / (time.perf_counter() - start)
+
+
+def _quantile(samples: List[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
+
+
+def batch_mode(path: str, smoke: bool, device: str, tiny: bool) -> Dict[str, Any]:
+    import mlx_threadsafe
+    from mlx_threadsafe import batching
+
+    from .measure import _batched_requests, _load, request_prompt
+
+    model, tokenizer = _load(path)
+    tokenizer.eos_token_ids = set()  # exactly `tokens` per request on every side
+    n = 2 if smoke else 8
+    tokens = 8 if smoke else (128 if tiny or device == "gpu" else 48)
+    rounds = 2 if smoke else (8 if tiny else 4)
+    prompts = [request_prompt(i) for i in range(n)]
+
+    def threads_on():
+        mlx_threadsafe.install(batch=True)
+        return _threads(model, tokenizer, prompts, tokens)
+
+    def threads_off():
+        mlx_threadsafe.install(batch=False)
+        return _threads(model, tokenizer, prompts, tokens)
+
+    def batch():
+        return _batched_requests(model, prompts, tokens)
+
+    sides = {"threads_batch_mode": threads_on, "batch_generator": batch, "threads_mode_off": threads_off}
+    for side in sides.values():  # warm-up: compile caches, allocator, the batch Worker
+        side()
+    batching.reset_stats()
+    runs: Dict[str, List[Dict[str, Any]]] = {name: [] for name in sides}
+    for round_index in range(rounds):
+        order = list(sides) if round_index % 2 == 0 else list(reversed(sides))
+        for name in order:
+            runs[name].append(sides[name]())
+    stats = batching.stats()
+    reference = runs["batch_generator"][0]["outputs"]
+    results: Dict[str, Any] = {"n": n, "tokens": tokens, "rounds": rounds}
+    for name, samples in runs.items():
+        latencies = [t for run in samples for t in run["finished"]]
+        results[name] = {
+            "tokens_per_s": statistics.median(n * tokens / max(run["finished"]) for run in samples),
+            "latency_p50_ms": _quantile(latencies, 0.5) * 1e3,
+            "latency_p99_ms": _quantile(latencies, 0.99) * 1e3,
+            "requests_equal_to_batch_generator": min(sum(g == w for g, w in zip(run["outputs"], reference))
+                                                     for run in samples),
+            "errors": [e for run in samples for e in run["errors"]][:5],
+            "samples_tokens_per_s": [n * tokens / max(run["finished"]) for run in samples],
+        }
+    paired = [n * tokens / max(a["finished"]) / (n * tokens / max(b["finished"]))
+              for a, b in zip(runs["threads_batch_mode"], runs["batch_generator"])]
+    results["threads_over_batch_generator"] = statistics.median(paired)
+    paired_off = [max(b["finished"]) / max(a["finished"])
+                  for a, b in zip(runs["threads_batch_mode"], runs["threads_mode_off"])]
+    results["batch_mode_over_mode_off"] = statistics.median(paired_off)
+    results["batch_stats"] = stats
+
+    # One caller alone: the mode on against off, ABBA, in this process.
+    lone_tokens, lone_rounds = (16, 2) if smoke else (512 if tiny else 64, 16 if tiny else 8)
+    rates: Dict[str, List[float]] = {"off": [], "on": []}
+    for round_index in range(lone_rounds):
+        for side in ("off", "on") if round_index % 2 == 0 else ("on", "off"):
+            mlx_threadsafe.install(batch=side == "on")
+            rates[side].append(_lone(model, tokenizer, lone_tokens))
+    mlx_threadsafe.install(batch=False)
+    results["lone_caller"] = {
+        "tokens": lone_tokens, "off": statistics.median(rates["off"]), "on": statistics.median(rates["on"]),
+        "ratio": statistics.median(on / off for on, off in zip(rates["on"], rates["off"])), "samples": rates}
+    return results
