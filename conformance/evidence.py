@@ -44,6 +44,9 @@ def check(records: Dict[str, Dict[str, Any]]) -> Tuple[List[str], List[str]]:
             from .servers import summary
 
             problems.append(f"{key}: fails with the shim: {summary(record)}")
+        elif record["kind"] == "server" and record["side"] in SHIM_SIDES and record.get("shim_only_lines") is None:
+            notes.append(f"{key}: output not compared with the side without the shim "
+                         f"({record.get('output_compared_with') or 'recorded before the comparison existed'})")
         if record["kind"] == "suite":
             for test in record.get("regressions", []):
                 problems.append(f"{key}: {test['id']} passes without the shim and fails with it: "

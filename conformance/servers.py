@@ -18,7 +18,10 @@ Each check starts the server (one side: `none` = no shim, `run` = under
    (vllm-mlx: `tokens_saved`, `hits`);
 4. stops the server (SIGINT, then SIGKILL of its process group) and scans its output for
    `There is no Stream`, `terminate called`, tracebacks and the servers' own
-   "... failed" warnings.
+   "... failed" warnings;
+5. with the shim: compares the server's output with that of the side without it, each
+   line normalised (NORMALISE), and fails on any line only the shimmed output has (the
+   shim's own debug log goes to a file of its own, MLX_THREADSAFE_LOG_FILE).
 
 Every request has a timeout, and the process group is killed whatever happens.
 """
@@ -318,6 +321,87 @@ def bad_lines(lines: List[str]) -> List[str]:
     return [line.strip()[:300] for line in lines if any(mark in line for mark in BAD_MARKS)]
 
 
+# ------------------------------------------------------------------ the shim adds no output line
+#
+# A shimmed side's output (stdout + stderr, ANSI codes removed) is compared with that of the
+# side without the shim after each line is normalised. Every rule below replaces something a
+# second run of the very same command prints differently, and nothing else: the number of
+# a figure that is a time, a speed, a size, an identity or an address, never a whole line.
+_NUMBER = r"\d+(?:[.,]\d+)?"
+NORMALISE: List[Tuple[str, "re.Pattern[str]", str]] = [
+    # Wall-clock timestamps (log prefixes, uvicorn's access log, HTTP dates).
+    ("timestamp", re.compile(r"\d{4}-\d{2}-\d{2}[ T]\d{2}:\d{2}:\d{2}(?:[.,]\d+)?(?:Z|[+-]\d{2}:?\d{2})?"),
+     "<time>"),
+    ("timestamp", re.compile(r"\d{1,2}/[A-Z][a-z]{2}/\d{4}[ :]\d{2}:\d{2}:\d{2}(?: [+-]\d{4})?"), "<time>"),
+    ("timestamp", re.compile(r"\b\d{2}:\d{2}:\d{2}(?:[.,]\d+)?\b"), "<time>"),
+    ("timestamp", re.compile(r"\b1[6-9]\d{8}(?:\.\d+)?\b"), "<epoch>"),  # Unix seconds, e.g. `created`
+    # Process ids: uvicorn's "Started server process [1234]", "pid=1234", "PID 1234".
+    ("pid", re.compile(r"(?i)(\bprocess\s*\[?|\bpid\b[\s=:\[]*)\d+"), r"\1<pid>"),
+    # Addresses: host:port pairs (the client's ephemeral port in access logs), object
+    # reprs ("at 0x7f..."), and our own port wherever it is printed bare (handled by `port`).
+    ("address", re.compile(r"\b\d{1,3}(?:\.\d{1,3}){3}:\d+\b"), "<host:port>"),
+    ("address", re.compile(r"\blocalhost:\d+\b"), "<host:port>"),
+    ("address", re.compile(r"\b0x[0-9a-fA-F]{6,}\b"), "<0x>"),
+    # Request and object ids: uuids, chatcmpl-..., and 16+ hex digits (request / cache ids).
+    ("id", re.compile(r"\b[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\b"), "<uuid>"),
+    ("id", re.compile(r"\b(chatcmpl|cmpl|req|request)[-_][A-Za-z0-9_-]{6,}"), r"\1-<id>"),
+    ("id", re.compile(r"\b[0-9a-f]{16,}\b"), "<hex>"),
+    # vllm-mlx logs a request by the first 12 characters of its uuid ("6cc6bb63-8cd").
+    ("id", re.compile(r"\b[0-9a-fA-F]{8}-[0-9a-fA-F]{3,4}\b"), "<uuid>"),
+    # Scheduler counters printed at the moment a request is scheduled or looked up (vllm-mlx:
+    # "uid=3 ... running=4 waiting=5", "entries=2"): which of the 9 concurrent requests
+    # arrives first and how deep the queues are then differs between two runs of one side.
+    ("scheduling", re.compile(r"\b(uid|running|waiting|entries)=\d+"), r"\1=<n>"),
+    # Temporary paths (tempfile names differ per run).
+    ("temp path", re.compile(r"/tmp/[^\s'\",:)\]]+"), "<tmp>"),
+    # Durations and speeds: "took 0.41 s", "12.3 tokens/s", "35ms", "1.2 it/s", "in 3.2 seconds".
+    ("duration/speed", re.compile(_NUMBER + r"\s*(tokens?/s(?:ec)?|tokens?-per-sec(?:ond)?|tok/s|toks/s|it/s|"
+                                  r"s/it|req/s|ms|µs|us|ns|s|sec|secs|seconds?|minutes?|min)\b"), r"<n> \1"),
+    # Memory figures: "1.23 GB", "512 MiB", "peak memory 0.042".
+    ("memory", re.compile(_NUMBER + r"\s*([KMGT]i?B|bytes)\b"), r"<n> \1"),
+    ("memory", re.compile(r"(?i)(memory[^0-9]{0,20})" + _NUMBER), r"\1<n>"),
+]
+
+
+def normalise_line(line: str, port: Optional[int] = None, home: Optional[str] = None) -> str:
+    """One output line with what differs between two runs of the same command replaced (see NORMALISE).
+
+    `home`: the side's temporary HOME; `port`: the side's own port, wherever it is printed.
+    """
+    line = line.rstrip()
+    if home:
+        line = line.replace(os.path.realpath(home), "<home>").replace(home, "<home>")
+    for _what, pattern, replacement in NORMALISE:
+        line = pattern.sub(replacement, line)
+    if port is not None:
+        line = re.sub(rf"(?<![\d.]){port}(?![\d.])", "<port>", line)
+    return line
+
+
+def normalise_output(lines: List[str], port: Optional[int] = None, home: Optional[str] = None) -> List[str]:
+    """Every non-blank line of an output, normalised."""
+    return [normalise_line(line, port, home) for line in lines if line.strip()]
+
+
+def shim_only_lines(without: List[str], with_shim: List[str]) -> List[str]:
+    """The normalised lines the shimmed output has and the output without the shim lacks.
+
+    A set difference, not a multiset one: how often a per-request or per-batch line repeats
+    depends on scheduling (how many HTTP 503 "busy" retries the single-request mode answered,
+    how the continuous batcher grouped the burst), so a count differs between two runs of
+    the same side; what the shim could add to a program's output (a warning, a note, a log
+    line) is a line the program never prints, which a set difference catches. In the order
+    the shimmed output has them, each once.
+    """
+    seen = set(without)
+    extra: List[str] = []
+    for line in with_shim:
+        if line not in seen:
+            seen.add(line)
+            extra.append(line)
+    return extra
+
+
 def build_model(python: str, arch: str) -> str:
     """A tiny random-weight model made by the target's own mlx / mlx-lm (no download)."""
     done = subprocess.run([python, "-c", "import sys; from mlx_threadsafe import testing; "
@@ -342,8 +426,8 @@ def check_side(server: Server, mode: str, model_dir: str, side: str, python: str
         command = [os.path.join(bin_dir, "mlx-threadsafe"), "run", "--"] + command
     elif side == "env":
         env["MLX_THREADSAFE"] = "1"
-    if side != "none":  # each process that installs the shim logs the patches it applies
-        env["MLX_THREADSAFE_LOG"] = "debug"
+    for name in ("MLX_THREADSAFE_LOG", "MLX_THREADSAFE_LOG_FILE"):
+        env.pop(name, None)
     record: Dict[str, Any] = {"side": side, "command": " ".join(os.path.basename(c) if i == 0 else c
                                                                 for i, c in enumerate(command)),
                               "requests": CONCURRENT, "answered": 0, "reference_answered": 0,
@@ -356,6 +440,13 @@ def check_side(server: Server, mode: str, model_dir: str, side: str, python: str
         # under ~/.cache at exit and loads it at start-up, which would carry hits across runs.
         env["HF_HOME"] = os.path.join(home, "hf")
         env["HOME"] = home
+        shim_log = os.path.join(home, "mlx_threadsafe.log")
+        if side != "none":
+            # Each process that installs the shim (`run` and MLX_THREADSAFE=1 start every Python
+            # process of the server with it) appends the patches it applies to this file, not
+            # to stderr: the server's own output stays what it is without the shim.
+            env["MLX_THREADSAFE_LOG"] = "debug"
+            env["MLX_THREADSAFE_LOG_FILE"] = shim_log
         process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env, cwd=home,
                                    start_new_session=True)
         try:
@@ -429,6 +520,11 @@ def check_side(server: Server, mode: str, model_dir: str, side: str, python: str
             output.seek(0)
             text = ANSI.sub("", output.read().decode("utf-8", "replace"))
             lines = text.splitlines()
+            shim_lines: List[str] = []
+            if os.path.exists(shim_log):
+                with open(shim_log, encoding="utf-8", errors="replace") as log_file:
+                    shim_lines = log_file.read().splitlines()
+            normalised = normalise_output(lines, port=port, home=home)
     os.makedirs(LOGS, exist_ok=True)  # the whole output, for reading (git-ignored)
     log = os.path.join(LOGS, f"{server.name}-{mode}-{os.path.basename(model_dir)}-{side}.log")
     with open(log, "w") as out:
@@ -442,10 +538,13 @@ def check_side(server: Server, mode: str, model_dir: str, side: str, python: str
             record["cache_source"] = ("server log: 'System KV cache HIT ... reusing N tokens' "
                                       "(hits counted in /v1/cache/stats)")
     record["bad_output"] = bad_lines(lines)[:12]
-    # Proof that the shim was there: the patches it applied, from its debug log.
-    record["shim_applied"] = sorted({m.group(1) for m in map(SHIM_APPLIED.search, lines) if m})
-    lines = [line for line in lines if not line.startswith("mlx_threadsafe:")]
+    # Proof that the shim was there: the patches it applied, from its debug log file.
+    record["shim_applied"] = sorted({m.group(1) for m in map(SHIM_APPLIED.search, shim_lines) if m})
+    record["shim_log_lines"] = len(shim_lines)
+    record["output_lines"] = len(lines)
     record["output_tail"] = "\n".join(line[:300] for line in lines[-25:])
+    record["port"] = port
+    record["_normalised"] = normalised  # for the comparison of the sides in run(); not saved
     record["cache_reused"] = bool(record.get("cached_tokens") or record.get("cache_hits"))
     record["ok"] = (record["answered"] == CONCURRENT and record["reference_answered"] == CONCURRENT
                     and record["equal_to_reference"] == CONCURRENT and record["cache_reused"]
@@ -462,6 +561,10 @@ def summary(record: Dict[str, Any]) -> str:
             f"equal to serial, cached {cached if cached is not None else '-'}")
     if record.get("side") in ("run", "env") and not record.get("shim_applied"):
         text += ", the shim applied no patch in the server (no 'mlx_threadsafe: applied' line)"
+    if record.get("shim_only_lines"):
+        count = record.get("shim_only_count", len(record["shim_only_lines"]))
+        text += (f", {count} output line{'s' if count != 1 else ''} only with the shim: "
+                 f"{record['shim_only_lines'][0][:120]!r}")
     if record.get("bad_output"):
         text += f", output: {record['bad_output'][0][:100]!r}"
     elif record.get("failures"):
@@ -498,9 +601,67 @@ def run(names: Optional[List[str]] = None, modes: Optional[List[str]] = None, mo
                 progress(f"{key}: cannot run: {record['reason'][:200]}")
                 finished(key, record)
             continue
+        baselines: Dict[Tuple[str, str], Tuple[List[str], str]] = {}  # (mode, arch) -> a passing none side's output
+        ran_none: set = set()
         for key, mode, arch, side in _cells(name, server, modes, models, sides):
             record = dict(base, mode=mode, model=arch, versions=installed,
                           **check_side(server, mode, model_dirs[arch], side, python))
+            normalised = record.pop("_normalised")
+            if side == "none":
+                ran_none.add((mode, arch))
+                if record["ok"]:
+                    baselines[(mode, arch)] = (normalised, "the side without the shim of this run")
+            else:
+                compare_with_baseline(record, normalised, baselines, server, mode, arch, model_dirs,
+                                      none_ran=(mode, arch) in ran_none)
             record["status"] = "pass" if record["ok"] else "fail"
             progress(f"{key}: {record['status']}: {summary(record)} ({record['wall_s']}s)")
             finished(key, record)
+
+
+def _saved_baseline(server: Server, mode: str, arch: str, model_dir: str) -> Optional[List[str]]:
+    """The output of an earlier side without the shim, from its log (when this run has none)."""
+    log = os.path.join(LOGS, f"{server.name}-{mode}-{os.path.basename(model_dir)}-none.log")
+    if not os.path.exists(log):
+        return None
+    with open(log, encoding="utf-8", errors="replace") as source:
+        lines = source.read().splitlines()
+    # The port and HOME of that run are not known here: the generic rules cover
+    # 127.0.0.1:PORT and /tmp/...; a bare port number would show up as a shim-only line.
+    return normalise_output(lines)
+
+
+def compare_with_baseline(record: Dict[str, Any], normalised: List[str],
+                          baselines: Dict[Tuple[str, str], Tuple[List[str], str]], server: Server,
+                          mode: str, arch: str, model_dirs: Dict[str, str], none_ran: bool = True) -> None:
+    """Record the shimmed side's `shim_only_lines` against a passing side without the shim; fail on any.
+
+    The baseline is the side without the shim of the same server, mode and model in this run
+    (or, when this run has none, the log an earlier run left). Where that side failed (its
+    output then holds errors and lacks the lines of requests that succeed), the baseline is
+    a passing side without the shim of the same server and mode on the other model, with
+    each model's folder replaced by `<model>`; where none passed, nothing is compared (noted).
+    """
+    baseline = baselines.get((mode, arch))
+    if baseline is None and not none_ran:
+        saved = _saved_baseline(server, mode, arch, model_dirs[arch])
+        if saved is not None:
+            baseline = (saved, "the log of an earlier run without the shim (none in this run)")
+    if baseline is None:
+        for (other_mode, other), (lines, _) in baselines.items():
+            if other_mode == mode and other != arch:
+                baseline = ([line.replace(model_dirs[other], "<model>") for line in lines],
+                            f"the side without the shim on {other} (on {arch} it failed)")
+                normalised = [line.replace(model_dirs[arch], "<model>") for line in normalised]
+                break
+    if baseline is None:
+        record["shim_only_lines"] = None
+        record["output_compared_with"] = "nothing: no side without the shim passed"
+        return
+    lines, where = baseline
+    extra = shim_only_lines(lines, normalised)
+    record["output_compared_with"] = where
+    record["shim_only_lines"] = [line[:300] for line in extra[:20]]
+    record["shim_only_count"] = len(extra)
+    if extra:
+        record["ok"] = False

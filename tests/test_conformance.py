@@ -92,3 +92,74 @@ def test_no_upstream_test_passes_without_the_shim_and_fails_with_it(tmp_path, su
     (record,) = json.loads(path.read_text())["records"].values()
     assert record["status"] != "cannot-run", record.get("reason")
     assert not record["regressions"], record["regressions"]
+
+
+# The shim adds nothing to a server's output (issue 26, item 3): each shimmed side's output
+# is compared with the side without the shim, line by line after normalisation.
+
+_WITHOUT = """\
+2026-12-04 14:30:52 | INFO | Started server process [41231]
+INFO:     Uvicorn running on http://127.0.0.1:18731 (Press CTRL+C to quit)
+INFO:     127.0.0.1:50112 - "POST /v1/chat/completions HTTP/1.1" 200 OK
+Request chatcmpl-3f9a1c0b7d2e finished in 0.41 s, 55.1 tokens/s, peak memory 0.042 GB
+INFO:vllm_mlx.scheduler:[schedule] request=6cc6bb63-8cd uid=0 prompt_tokens=4 max_tokens=12 running=1 waiting=8
+HF_HOME is /tmp/conformance-a1b2c3/hf
+INFO:     Shutting down
+"""
+
+_WITH_TIMES_AND_PORTS_CHANGED = """\
+2026-12-04 14:31:40 | INFO | Started server process [41388]
+INFO:     Uvicorn running on http://127.0.0.1:18762 (Press CTRL+C to quit)
+INFO:     127.0.0.1:50377 - "POST /v1/chat/completions HTTP/1.1" 200 OK
+INFO:     127.0.0.1:50378 - "POST /v1/chat/completions HTTP/1.1" 200 OK
+Request chatcmpl-88aa01cc34ef finished in 0.57 s, 41.9 tokens/s, peak memory 0.043 GB
+INFO:vllm_mlx.scheduler:[schedule] request=d855e374-418 uid=3 prompt_tokens=4 max_tokens=12 running=2 waiting=5
+HF_HOME is /tmp/conformance-z9y8x7/hf
+INFO:     Shutting down
+"""
+
+_FUTURE_WARNING = ("/work/main/mlx_threadsafe/patches/mlx/module_streams.py:93: FutureWarning: "
+                   "torch.distributed.reduce_op is deprecated, please use torch.distributed.ReduceOp instead")
+
+
+def _compared(without: str, with_shim: str, port_without: int = 18731, port_with: int = 18762):
+    from conformance import servers
+
+    baselines = {("default", "llama"): (servers.normalise_output(
+        without.splitlines(), port=port_without, home="/tmp/conformance-a1b2c3"), "the none side")}
+    record = {"side": "run", "ok": True, "answered": 9, "requests": 9, "equal_to_reference": 9,
+              "cached_tokens": 39, "shim_applied": ["mlx.thread_rng"]}
+    normalised = servers.normalise_output(with_shim.splitlines(), port=port_with, home="/tmp/conformance-z9y8x7")
+    servers.compare_with_baseline(record, normalised, baselines, None, "default", "llama",
+                                  {"llama": "/models/llama"}, none_ran=True)
+    return record
+
+
+def test_output_that_differs_only_in_timestamps_pids_ports_ids_and_figures_passes():
+    # Also vllm-mlx's scheduler line: another request id and uid, other queue depths.
+    record = _compared(_WITHOUT, _WITH_TIMES_AND_PORTS_CHANGED)
+    # The access-log line repeats (a set difference: how often a per-request line repeats is scheduling).
+    assert record["shim_only_lines"] == [] and record["ok"], record
+    assert record["output_compared_with"] == "the none side"
+
+
+def test_a_line_only_the_shimmed_output_has_fails_the_side_and_check():
+    from conformance import servers
+
+    with_warning = _WITH_TIMES_AND_PORTS_CHANGED.replace(
+        "INFO:     Uvicorn", _FUTURE_WARNING + "\n  _ = getattr(module, name)\nINFO:     Uvicorn")
+    record = _compared(_WITHOUT, with_warning)
+    assert not record["ok"]
+    assert record["shim_only_lines"] == [_FUTURE_WARNING, "  _ = getattr(module, name)"], record
+    assert "2 output lines only with the shim" in servers.summary(record)
+    assert "FutureWarning" in servers.summary(record)
+    full = dict(record, kind="server", target="x", version="1", mode="default", model="llama", status="fail")
+    problems, _ = evidence.check({"server/x==1/default/llama/run": full})
+    assert problems and "only with the shim" in problems[0], problems
+    assert "only with the shim" in evidence.table({"server/x==1/default/llama/run": full})
+
+
+def test_the_shim_debug_log_is_no_output_line():
+    # With MLX_THREADSAFE_LOG_FILE the debug log goes to a file; were it printed, each line would count.
+    record = _compared(_WITHOUT, _WITH_TIMES_AND_PORTS_CHANGED + "mlx_threadsafe: applied mlx.thread_rng\n")
+    assert record["shim_only_lines"] == ["mlx_threadsafe: applied mlx.thread_rng"] and not record["ok"]
