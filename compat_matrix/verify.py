@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from packaging.requirements import Requirement
 
-from mlx_threadsafe import registry, versions
+from mlx_threadsafe import planning, versions
 from mlx_threadsafe.patches import ALL
 from mlx_threadsafe.scenarios import Outcome, run_batch
 
@@ -381,11 +381,11 @@ def merge_evidence(records: Dict[str, Dict[str, Any]], path: str) -> List[str]:
 
 def planned_patches(record: Dict[str, Any], matrix=None) -> List[str]:
     """The patches the runtime matrix applies to this release and mlx (options aside)."""
-    matrix = matrix if matrix is not None else registry.load_matrix()
+    matrix = matrix if matrix is not None else planning.load_matrix()
     env = versions.Environment(mlx=record["mlx"], backend=backend_of(record),
                                mlx_lm=record["release"] if record["package"] == "mlx-lm" else None,
                                mlx_vlm=record["release"] if record["package"] == "mlx-vlm" else None)
-    return [p.id for p in ALL if p.package in ("mlx", record["package"]) and registry.plan(p, env, matrix).apply]
+    return [p.id for p in ALL if p.package in ("mlx", record["package"]) and planning.plan(p, env, matrix).apply]
 
 
 def unrun_mlx_patches(records: Dict[str, Dict[str, Any]], matrix=None, cpu: bool = True) -> List[str]:
@@ -395,7 +395,7 @@ def unrun_mlx_patches(records: Dict[str, Dict[str, Any]], matrix=None, cpu: bool
     release of releases.toml. For another backend (GPU runs, never a given): every mlx
     release some record of that backend names.
     """
-    matrix = matrix if matrix is not None else registry.load_matrix()
+    matrix = matrix if matrix is not None else planning.load_matrix()
     problems = []
     for mlx in (RELEASES["mlx"] + RELEASES.get("mlx-other", [])) if cpu else []:
         problems += [f"mlx {mlx}: the matrix applies {patch_id}, but no evidence ran it on that mlx "
@@ -413,18 +413,18 @@ def _unrun_on(records: Dict[str, Dict[str, Any]], backend: str, mlx: str, matrix
            for patch in record["applied"]}
     env = versions.Environment(mlx=mlx, mlx_lm=None, mlx_vlm=None, backend=backend)
     return [patch.id for patch in ALL
-            if patch.package == "mlx" and registry.plan(patch, env, matrix).apply and patch.id not in ran]
+            if patch.package == "mlx" and planning.plan(patch, env, matrix).apply and patch.id not in ran]
 
 
 def check(records: Dict[str, Dict[str, Any]], matrix_text: Optional[str] = None) -> List[str]:
     """Every disagreement between the runtime matrix and the evidence, as sentences."""
-    matrix = registry.load_matrix(matrix_text)
+    matrix = planning.load_matrix(matrix_text)
     return unrun_mlx_patches(records, matrix) + check_records(records, matrix)
 
 
 def check_records(records: Dict[str, Dict[str, Any]], matrix=None) -> List[str]:
     """The disagreements each record shows by itself (the release and mlx it ran on)."""
-    matrix = matrix if matrix is not None else registry.load_matrix()
+    matrix = matrix if matrix is not None else planning.load_matrix()
     problems = []
     for key, record in records.items():
         if record["state"] != "ran":

@@ -77,8 +77,7 @@ def _get_registry() -> "Registry":
     with _lock:
         if _registry is not None:
             return _registry
-        # The worker module first: its exit hook (stop the workers, then wait for every
-        # ended MLX thread) must be registered before any patch's, so that it runs last.
+        # The one exit hook (exit_steps) is registered by the worker module, before any patch applies.
         from . import worker  # noqa: F401
         from .patches import ALL
         from .registry import Registry

@@ -1,9 +1,8 @@
-"""The patch contract, and the registry that keeps it: which patches apply here, and their state.
+"""The patch contract, and the registry that keeps it: applies and reverts patches, holds their state.
 
-install() reads the versions and the compat matrix (compat.toml); for each patch it
-decides disabled / skipped / apply now / apply when its trigger module is imported.
-Every apply and every revert is caught, so one broken patch never breaks the host
-program: its row says `failed` and why.
+Whether a patch applies is `planning`'s to decide; the registry applies it now or when its
+trigger module is imported, and catches every apply and revert, so one broken patch never
+breaks the host program: its row says `failed` and why.
 """
 
 from __future__ import annotations
@@ -13,24 +12,15 @@ import os
 import sys
 import threading
 import warnings
-from dataclasses import dataclass
-from importlib import resources
 from types import ModuleType
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import wrapt
-from packaging.specifiers import SpecifierSet
-from packaging.version import Version
 
-from . import versions
+from . import planning, versions
 from .errors import MlxThreadsafeWarning, TargetMissing
 from .patch_status import PatchStatus, State, Status
 from .patching.originals import Originals, Replacement
-
-try:  # Python 3.11+
-    import tomllib
-except ModuleNotFoundError:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
 
 log = logging.getLogger("mlx_threadsafe")
 
@@ -41,7 +31,8 @@ class Patch:
     A patch declares its `id` (``<package module>.<target>.<what>``), the distribution
     it fixes (`package`, a row family of the compat matrix), the module whose import
     triggers it (`trigger`), what it rewrites (`target`), the patches it relies on
-    (`requires`) and whether it is only needed where MLX binds streams to threads.
+    (`requires`), whether it is only needed where MLX binds streams to threads, on which
+    `backends` it applies (None: all), and the `opt_in` setting it waits for, if any.
     `apply(module)` runs `_apply` with the triggering module; everything `_apply`
     replaces is recorded in `self.originals`, so `revert()` puts the very same
     objects back, newest first. `_apply` raises TargetMissing when the release lacks
@@ -50,13 +41,16 @@ class Patch:
     """
 
     def __init__(self, id: str, package: str, trigger: str, target: str, *,
-                 requires: Sequence[str] = (), needs_thread_bound_streams: bool = False) -> None:
+                 requires: Sequence[str] = (), needs_thread_bound_streams: bool = False,
+                 backends: Optional[Sequence[str]] = None, opt_in: Optional[Tuple[str, str]] = None) -> None:
         self.id = id
         self.package = package
         self.trigger = trigger
         self.target = target
         self.requires = tuple(requires)
         self.needs_thread_bound_streams = needs_thread_bound_streams
+        self.backends = tuple(backends) if backends is not None else None  # None: every backend
+        self.opt_in = opt_in  # (variable, value): applied only where the user set it so
         self.originals = Originals()
 
     def __repr__(self) -> str:
@@ -79,88 +73,7 @@ class Patch:
         raise NotImplementedError
 
 
-# ------------------------------------------------------------------ the matrix
-
-
-@dataclass(frozen=True)
-class MatrixRow:
-    releases: SpecifierSet
-    patches: Tuple[str, ...]
-    summary: str
-    reason: str
-
-
-@dataclass(frozen=True)
-class PackageMatrix:
-    newest_known: Version
-    rows: Tuple[MatrixRow, ...]
-
-
-def load_matrix(text: Optional[str] = None) -> Dict[str, PackageMatrix]:
-    if text is None:
-        text = resources.files(__package__).joinpath("compat.toml").read_text(encoding="utf-8")
-    data = tomllib.loads(text)
-    return {
-        package: PackageMatrix(
-            newest_known=Version(entry["newest_known"]),
-            rows=tuple(
-                MatrixRow(
-                    SpecifierSet(row["releases"]),
-                    tuple(row["patches"]),
-                    row["summary"],
-                    " ".join(row["reason"].split()),
-                )
-                for row in entry.get("rows", ())
-            ),
-        )
-        for package, entry in data.items()
-    }
-
-
-@dataclass(frozen=True)
-class Decision:
-    apply: bool
-    reason: str
-    unknown_release: bool = False
-
-
-def decide(patch: Patch, env: versions.Environment, matrix: Dict[str, PackageMatrix]) -> Decision:
-    """Whether the matrix applies `patch` to the installed release of its package."""
-    installed = env.version_of(patch.package)
-    if installed is None:
-        return Decision(False, f"{patch.package} is not installed")
-    release = versions.parse(installed)
-    package_matrix = matrix.get(patch.package)
-    if release is None or package_matrix is None:
-        return Decision(False, f"{patch.package} {installed}: no matrix data for this version")
-    if release > package_matrix.newest_known:
-        return Decision(
-            True,
-            f"{patch.package} {installed} is newer than the matrix ({package_matrix.newest_known}); "
-            "applied because its feature probe holds",
-            unknown_release=True,
-        )
-    for row in package_matrix.rows:
-        if row.releases.contains(release, prereleases=True):
-            if patch.id in row.patches:
-                return Decision(True, f"{patch.package} {installed}: {row.summary}")
-            return Decision(False, f"not needed on {patch.package} {installed}: {row.summary}")
-    return Decision(False, f"{patch.package} {installed} is older than the matrix covers")
-
-
-def plan(patch: Patch, env: versions.Environment, matrix: Dict[str, PackageMatrix]) -> Decision:
-    """What install() does with `patch` in `env`, options aside: the matrix, then the backend rule."""
-    decision = decide(patch, env, matrix)
-    if decision.apply and patch.needs_thread_bound_streams and not env.streams_bound_to_threads:
-        return Decision(False, f"mlx {env.mlx} on {env.backend} does not bind streams to threads")
-    return decision
-
-
 # ------------------------------------------------------------------ state
-
-
-def _env_list(name: str) -> List[str]:
-    return [item.strip() for item in os.environ.get(name, "").split(",") if item.strip()]
 
 
 def _configure_logging() -> None:
@@ -189,26 +102,26 @@ class Registry:
         self._states: Dict[str, PatchStatus] = {}
         self._hooked_modules: set = set()
         self._warned: set = set()
-        self._pending_decisions: Dict[str, Decision] = {}
+        self._pending_decisions: Dict[str, planning.Decision] = {}
 
     # -- public --------------------------------------------------------
 
     def install(self, only: Optional[Iterable[str]] = None, exclude: Optional[Iterable[str]] = None) -> Status:
         _configure_logging()
-        only_ids = set(only) if only is not None else None
-        unknown = (only_ids or set()) | set(exclude or ())
+        unknown = set(only or ()) | set(exclude or ())
         if unknown - set(self._by_id):
             raise ValueError(f"unknown patch id(s): {sorted(unknown - set(self._by_id))}; known: {sorted(self._by_id)}")
-        disabled_by_env = set(_env_list("MLX_THREADSAFE_DISABLE"))
+        options = planning.Options.of_install(only, exclude)
         env = versions.detect()
-        matrix = load_matrix()
+        matrix = planning.load_matrix()
         with self._lock:
             self._installed = True
             for patch in self.patches:  # a required patch comes before the patches that require it
                 current = self._states.get(patch.id)
                 if current is not None and current.state in (State.APPLIED, State.PENDING):
                     continue  # idempotent: an applied patch is never applied twice
-                self._states[patch.id] = self._plan(patch, env, matrix, only_ids, set(exclude or ()), disabled_by_env)
+                decision = planning.decide(patch, env, matrix, options, self._states)
+                self._states[patch.id] = self._carry_out(patch, decision, env)
             return self.status()
 
     def uninstall(self) -> Status:
@@ -233,21 +146,11 @@ class Registry:
                          for p in self.patches)
             return Status(rows=rows, environment=versions.detect(), installed=self._installed)
 
-    # -- planning ------------------------------------------------------
+    # -- applying what planning decided ---------------------------------
 
-    def _plan(self, patch, env, matrix, only_ids, exclude_ids, disabled_by_env) -> PatchStatus:
-        if "*" in disabled_by_env or patch.id in disabled_by_env:
-            return _row(patch, State.DISABLED, "MLX_THREADSAFE_DISABLE")
-        if only_ids is not None and patch.id not in only_ids:
-            return _row(patch, State.DISABLED, "not in install(only=...)")
-        if patch.id in exclude_ids:
-            return _row(patch, State.DISABLED, "install(exclude=...)")
-        decision = plan(patch, env, matrix)
+    def _carry_out(self, patch: Patch, decision: planning.Decision, env: versions.Environment) -> PatchStatus:
         if not decision.apply:
-            return _row(patch, State.SKIPPED, decision.reason)
-        blocked = self._blocked_by_requirement(patch)
-        if blocked:
-            return _row(patch, State.DISABLED, blocked)
+            return _row(patch, decision.state, decision.reason)
         if decision.unknown_release:
             self._warn(
                 f"unknown:{patch.package}",
@@ -279,15 +182,11 @@ class Registry:
         except Exception:  # noqa: BLE001
             log.exception("post-import hook for %s failed", module.__name__)
 
-    def _apply(self, patch: Patch, module: ModuleType, decision: Decision) -> PatchStatus:
-        blocked = self._blocked_by_requirement(patch)
-        if blocked:
-            return _row(patch, State.DISABLED, blocked)
+    def _apply(self, patch: Patch, module: ModuleType, decision: planning.Decision) -> PatchStatus:
+        decision = planning.at_import(patch, module, decision, self._states)
+        if not decision.apply:
+            return _row(patch, decision.state, decision.reason)
         try:
-            if decision.unknown_release:
-                not_needed = patch.probe(module)
-                if not_needed:
-                    return _row(patch, State.SKIPPED, not_needed)
             patch.apply(module)
         except TargetMissing as missing:
             if not self._revert(patch):
@@ -300,19 +199,6 @@ class Registry:
             return _row(patch, State.FAILED, repr(error))
         log.debug("applied %s", patch.id)
         return _row(patch, State.APPLIED, decision.reason)
-
-    def _blocked_by_requirement(self, patch: Patch) -> Optional[str]:
-        """Why `patch` cannot apply: a patch it requires was disabled or failed.
-
-        A requirement skipped as not needed here (the matrix, the backend) leaves the
-        dependent on: what it needs the requirement for is not needed here either.
-        """
-        for required in patch.requires:
-            row = self._states.get(required)
-            if row is None or row.state in (State.DISABLED, State.FAILED, State.NOT_INSTALLED):
-                why = f"{row.state}: {row.reason}" if row is not None else "not planned"
-                return f"requires {required}, which is {why}"
-        return None
 
     def _revert(self, patch: Patch) -> bool:
         """Revert `patch`; False (logged) if its revert raised."""

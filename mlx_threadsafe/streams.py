@@ -37,9 +37,24 @@ log = logging.getLogger("mlx_threadsafe")
 
 _local = threading.local()
 
-# Set by the mlx.thread_cleanup and mlx.thread_rng patches.
-cleanup_enabled = False
-rng_enabled = False
+
+class _Policy:
+    """What adoption does to a thread; set through `configure` by the adoption layer."""
+
+    cleanup = False  # release its streams as it ends, and be waited for at exit
+    seed = False  # give it its own random key
+
+
+_policy = _Policy()
+
+
+def configure(*, cleanup: bool, seed: bool) -> None:
+    """Whether adopted threads release their streams as they end, and get their own random key."""
+    _policy.cleanup, _policy.seed = cleanup, seed
+
+
+def is_adopted() -> bool:
+    return getattr(_local, "adopted", False)
 
 _rng_lock = threading.Lock()
 _process_seed: Optional[int] = None
@@ -75,7 +90,7 @@ class _ThreadEnd:
                 step()
             except Exception:  # noqa: BLE001 - runs while a thread is being torn down
                 log.debug("thread-end step %r of thread %s failed", step, self.thread_name, exc_info=True)
-        if self.owns_streams or cleanup_enabled:
+        if self.owns_streams or _policy.cleanup:
             # Only a thread seen using MLX calls into it here: one that never did (an HTTP
             # handler thread, watched from its start) has no streams to release, and it is
             # waited for at exit all the same.
@@ -164,7 +179,7 @@ def adopt_current_thread() -> None:
     if getattr(_local, "end", None) is None:
         _local.end = _ThreadEnd(thread.name)
     _local.end.used_mlx = True
-    if rng_enabled and not getattr(_local, "seeded", False):
+    if _policy.seed and not getattr(_local, "seeded", False):
         seed_current_thread(thread.name)
 
 

@@ -9,7 +9,6 @@ on the thread itself.
 
 from __future__ import annotations
 
-import atexit
 import concurrent.futures
 import itertools
 import logging
@@ -21,7 +20,7 @@ import weakref
 from concurrent.futures import Future
 from typing import Any, Callable, List, Optional
 
-from . import diagnostics, streams
+from . import diagnostics, exit_steps, streams
 from .errors import MlxThreadsafeWarning, WorkerClosed, WorkerQueueFull
 from .materialize import hand_over
 
@@ -289,22 +288,23 @@ class Worker:
 _running_cores: "weakref.WeakSet[_Core]" = weakref.WeakSet()
 
 
-@atexit.register
-def _stop_workers_and_wait_for_mlx_threads() -> None:
+def _stop_workers() -> None:
     # Worker threads are daemons, so they would still be alive while the interpreter
     # finalizes, and their C++ thread-locals would then be destroyed mid-finalization
     # (the `terminate called without an active exception` abort). Stop them first, so
-    # each releases its streams on itself and exits. Registered when the package is
-    # imported, so it runs after every atexit hook registered later.
+    # each releases its streams on itself and exits.
     cores = list(_running_cores)
     for core in cores:
         core.stop()
     for core in cores:
         if core.thread is not None and core.thread is not threading.current_thread():
             core.thread.join(10)
-    # join() returns before OS threads have run MLX's C++ destructors: wait for these
-    # and for every other MLX thread that ended (mlx.thread_cleanup records them).
-    streams.wait_for_ended_threads()
+
+
+exit_steps.add(exit_steps.STOP_WORKERS, _stop_workers)
+# join() returns before OS threads have run MLX's C++ destructors: wait for these and for
+# every other MLX thread that ended (mlx.thread_cleanup records them).
+exit_steps.add(exit_steps.WAIT_FOR_THREADS, streams.wait_for_ended_threads)
 
 
 def _workers_stay_with_the_parent() -> None:

@@ -70,7 +70,7 @@ def test_on_the_cpu_backend_it_is_skipped_and_changes_nothing(monkeypatch):
     _without_graph_variable(monkeypatch)
     state, reason, variable = _probe(["install", "import"], cuda=False, env={"MLX_THREADSAFE_CUDA_GRAPHS": "off"})[-1]
     assert state == "skipped"
-    assert "only on the CUDA backend" in reason and "cpu" in reason
+    assert "only on the cuda backend" in reason and "cpu" in reason
     assert variable is None
 
 

@@ -35,7 +35,16 @@ PATCH_ENVIRONMENTS = {
     "mlx_vlm.BatchGenerator.close_guard": ("mlx-vlm==0.7.10", "0.32.4"),
     "mlx_vlm.generate_step.request_state": ("mlx-vlm==0.7.10", "0.32.4"),
     "mlx_vlm.server.stop_at_exit": ("mlx-vlm==0.7.10", "0.32.4"),
+    # CUDA only, opt-in: this environment with the backend reported as CUDA and the opt-in set.
+    "mlx.cuda_graph_capture": "as-cuda-opted-in",
 }
+AS_CUDA_OPTED_IN = """
+    import os
+    from mlx_threadsafe import versions
+    real = versions.detect()
+    versions.detect = lambda: versions.Environment(real.mlx, real.mlx_lm, real.mlx_vlm, "cuda")
+    os.environ["MLX_THREADSAFE_CUDA_GRAPHS"] = "off"
+"""
 
 ORDERINGS = {
     "install_then_import": ["install", "import"],
@@ -46,6 +55,7 @@ ORDERINGS = {
 }
 
 CONTRACT = """
+    {prelude}
     import importlib, json
     import mlx_threadsafe
     from mlx_threadsafe.patches import by_id
@@ -79,7 +89,7 @@ CONTRACT = """
 
 def _python(patch_id: str):
     environment = PATCH_ENVIRONMENTS[patch_id]
-    if environment is None:
+    if environment is None or environment == "as-cuda-opted-in":
         return None
     requirement, mlx = environment
     extra = () if requirement.startswith("mlx-vlm") else ("mlx-lm",)
@@ -112,7 +122,7 @@ def _snake(name: str) -> str:
 
 def _contract_params():
     for patch in ALL:
-        marks = [] if PATCH_ENVIRONMENTS.get(patch.id) is None else [pytest.mark.release]
+        marks = [pytest.mark.release] if isinstance(PATCH_ENVIRONMENTS.get(patch.id), tuple) else []
         for ordering in ORDERINGS:
             yield pytest.param(patch.id, ordering, marks=marks, id=f"{patch.id}-{ordering}")
 
@@ -120,7 +130,8 @@ def _contract_params():
 @pytest.mark.parametrize("patch_id,ordering", list(_contract_params()))
 def test_patch_keeps_the_contract(patch_id, ordering):
     python = _python(patch_id)
-    code = CONTRACT.format(patch_id=patch_id, steps=ORDERINGS[ordering])
+    prelude = AS_CUDA_OPTED_IN if PATCH_ENVIRONMENTS[patch_id] == "as-cuda-opted-in" else ""
+    code = CONTRACT.format(prelude=prelude, patch_id=patch_id, steps=ORDERINGS[ordering])
     kwargs = {"python": python} if python else {}
     state, reason, replaced, in_place, not_restored, counts, left, final = run_json(code, **kwargs)
     assert state == "applied", reason

@@ -3,12 +3,20 @@
 ``mlx.thread_rng`` lives in ``patches/mlx/thread_rng.py``, ``mlx_lm.load.materialize``
 in ``patches/mlx_lm/load_materialize.py``. Each module declares one ``PATCH`` (a
 `mlx_threadsafe.registry.Patch`); the kinds of patch several targets share are in
-``patches/common/``. ALL is the order install() plans them in: a patch comes after
-every patch it requires.
+``patches/common/``. ALL is the order install() plans them in (uninstall() reverts in
+reverse): derived from each patch's ``requires``, the listed order breaking ties.
 """
 
-from .mlx import compile_random_state, distributed_one_thread, module_streams, thread_cleanup, thread_rng
-from .mlx import cuda_graph_capture
+from graphlib import TopologicalSorter
+
+from .mlx import (
+    compile_random_state,
+    cuda_graph_capture,
+    distributed_one_thread,
+    module_streams,
+    thread_cleanup,
+    thread_rng,
+)
 from .mlx_lm import batch_generator_close_guard as lm_batch_generator_close_guard
 from .mlx_lm import batch_generator_owner as lm_batch_generator_owner
 from .mlx_lm import generation_stream as lm_generation_stream
@@ -23,7 +31,7 @@ from .mlx_vlm import generation_stream as vlm_generation_stream
 from .mlx_vlm import load_materialize as vlm_load_materialize
 from .mlx_vlm import server_stop_at_exit as vlm_server_stop_at_exit
 
-ALL = [
+_LISTED = [
     thread_cleanup.PATCH,
     thread_rng.PATCH,
     compile_random_state.PATCH,
@@ -44,6 +52,25 @@ ALL = [
     generate_step_request_state.PATCH,
     vlm_server_stop_at_exit.PATCH,
 ]
+
+
+
+def in_dependency_order(patches):
+    """`patches` in their listed order, except that each comes after those it requires (graphlib: no cycles)."""
+    listed = {patch.id: index for index, patch in enumerate(patches)}
+    sorter = TopologicalSorter({patch.id: patch.requires for patch in patches})
+    sorter.prepare()
+    ready: list = []
+    ordered = []
+    while sorter.is_active():
+        ready = sorted(ready + list(sorter.get_ready()), key=listed.__getitem__)
+        first = ready.pop(0)
+        ordered.append(patches[listed[first]])
+        sorter.done(first)
+    return ordered
+
+
+ALL = in_dependency_order(_LISTED)
 
 
 def by_id(patch_id: str):

@@ -53,9 +53,7 @@ class LoadMaterializePatch(Patch):
                          needs_thread_bound_streams=True)
         self.targets = list(targets)  # (module, function name); missing ones are skipped
         self.guarded_classes: set = set()
-        # Called with each model these loaders return (after materializing it): patches
-        # that need to see every loaded model register here and declare `requires`.
-        self.after_load_hooks: List[Callable[[Any], None]] = []
+        self._load_hooks: List[Callable[[Any], None]] = []
 
     def _apply(self, module: ModuleType) -> None:
         wrapped = 0
@@ -75,6 +73,17 @@ class LoadMaterializePatch(Patch):
     def revert(self) -> None:
         super().revert()
         self.guarded_classes.clear()
+
+    def add_after_load(self, hook: Callable[[Any], None]) -> None:
+        """Call `hook` with each model these loaders return, once it is materialized.
+
+        For patches that need to see every loaded model; they declare this patch in `requires`.
+        """
+        self._load_hooks.append(hook)
+
+    def remove_after_load(self, hook: Callable[[Any], None]) -> None:
+        if hook in self._load_hooks:
+            self._load_hooks.remove(hook)
 
     def _after_load(self, original):
         try:
@@ -98,7 +107,7 @@ class LoadMaterializePatch(Patch):
                 self._guard_lazy(model)
             else:
                 materialize(model)
-            for hook in list(self.after_load_hooks):
+            for hook in list(self._load_hooks):
                 hook(model)
             return result
 

@@ -17,7 +17,6 @@ KeyboardInterrupt it returns at once for a thread that still runs (bpo-45274).
 
 from __future__ import annotations
 
-import atexit
 import inspect
 import logging
 import sys
@@ -29,7 +28,7 @@ from typing import Any, List
 
 import wrapt
 
-from ... import streams
+from ... import exit_steps, streams
 from ...errors import TargetMissing
 from ...registry import Patch
 
@@ -58,8 +57,8 @@ class ServerStopAtExitPatch(Patch):
             if cls is None or not callable(getattr(cls, "stop_and_join", None)):
                 raise TargetMissing(f"no ResponseGenerator.stop_and_join in {self.server_module}")
             self.originals.set_attribute(cls, "__init__", wrapt.FunctionWrapper(cls.__init__, self._remember))
-        atexit.register(self._stop_generators)
-        self.originals.on_restore(lambda: atexit.unregister(self._stop_generators))
+        exit_steps.add(exit_steps.STOP_SERVERS, self._stop_generators)
+        self.originals.on_restore(lambda: exit_steps.remove(exit_steps.STOP_SERVERS, self._stop_generators))
 
     def _remember(self, wrapped, instance, args, kwargs):
         wrapped(*args, **kwargs)

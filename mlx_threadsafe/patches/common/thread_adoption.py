@@ -19,28 +19,32 @@ and the rest); records which thread made each ``mx.new_stream``; and arms the fo
 
 import sys
 import threading
-from typing import Any, Dict, Tuple
+from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
 import wrapt
 
-from ... import diagnostics, stream_owners
+from ... import diagnostics, stream_owners, streams
 from ...patching.homes import module_attribute
 from ...patching.originals import Originals
 from ...registry import Patch
-from ...streams import _local, adopt_current_thread, watch_thread_end
+
+
+class Use(NamedTuple):
+    """What a patch needs of the layer."""
+
+    cleanup: bool = False  # adopted threads release their streams as they end; the exit waits for them
+    seed: bool = False  # adopted threads get their own random key
+    after_eval: Optional[Callable[[], None]] = None  # runs on the thread after each of its mx.eval returns
+
 
 _originals = Originals()
-_users: set = set()
-
-# Collectives issued and not yet evaluated: group key -> (thread ident, thread name,
-# collective). Kept here because this layer sees every mx.eval (mlx.distributed.one_thread).
-pending_collectives: Dict[Any, Tuple[int, str, str]] = {}
-_collectives_lock = threading.Lock()
+_uses: Dict[str, Use] = {}
+_after_eval: Tuple[Callable[[], None], ...] = ()
 
 
 def adopt_then_call(wrapped, instance, args, kwargs):
-    if not getattr(_local, "adopted", False):
-        adopt_current_thread()
+    if not streams.is_adopted():
+        streams.adopt_current_thread()
     try:
         return wrapped(*args, **kwargs)
     except RuntimeError as error:
@@ -51,30 +55,22 @@ def adopt_then_call(wrapped, instance, args, kwargs):
 def _record_new_stream(wrapped, instance, args, kwargs):
     stream = wrapped(*args, **kwargs)  # first: adoption may make the thread's default stream
     stream_owners.record(stream)
-    if not getattr(_local, "adopted", False):
-        adopt_current_thread()
+    if not streams.is_adopted():
+        streams.adopt_current_thread()
     return stream
 
 
 def adopt_then_eval(wrapped, instance, args, kwargs):
     result = adopt_then_call(wrapped, instance, args, kwargs)
-    if pending_collectives:  # the one check the single-thread path pays
-        settle_collectives_of_this_thread()
+    for step in _after_eval:
+        step()
     return result
-
-
-def settle_collectives_of_this_thread() -> None:
-    """The calling thread's mx.eval returned: every collective it issued has run."""
-    me = threading.get_ident()
-    with _collectives_lock:
-        for key in [key for key, holder in pending_collectives.items() if holder[0] == me]:
-            del pending_collectives[key]
 
 
 def _watch_end_from_start(wrapped, instance, args, kwargs):
     # On the new thread, before any of its code, and before threading knows it as the
     # current thread (so the name comes from the Thread object). No MLX call here.
-    watch_thread_end(instance.name)
+    streams.watch_thread_end(instance.name)
     return wrapped(*args, **kwargs)
 
 
@@ -85,22 +81,42 @@ def _explain_then_report(wrapped, instance, args, kwargs):
     return wrapped(*args, **kwargs)
 
 
-def require(mlx_core, user: str) -> None:
-    """Put the layer on for `user` (a patch id); the first user puts it on."""
-    if not _users:
-        for name, wrapper in (("eval", adopt_then_eval), ("new_stream", _record_new_stream)):
-            _originals.set_attribute(mlx_core, name, wrapt.FunctionWrapper(module_attribute("mlx.core", name), wrapper))
-        for owner in (threading, sys):
-            _originals.set_attribute(owner, "excepthook", wrapt.FunctionWrapper(owner.excepthook, _explain_then_report))
-        # Every thread started from now on is waited for at exit once it ended, even one whose
-        # MLX calls the layer never sees (mlx-lm <= 0.25's generate_step: only async_eval
-        # and item() for a short prompt). _bootstrap_inner is where every threading.Thread
-        # starts (CPython 3.8-3.14).
-        if hasattr(threading.Thread, "_bootstrap_inner"):
-            _originals.set_attribute(threading.Thread, "_bootstrap_inner", wrapt.FunctionWrapper(
-                threading.Thread._bootstrap_inner, _watch_end_from_start))
-        diagnostics.watch_forks()
-    _users.add(user)
+def require(mlx_core, user: str, use: Use) -> None:
+    """Subscribe `user` (a patch id) to the layer; the first subscriber puts the layer on."""
+    if not _uses:
+        _put_on(mlx_core)
+    _uses[user] = use
+    _refresh()
+
+
+def release(user: str) -> None:
+    """Unsubscribe `user`; the last one to leave takes the layer off, restoring the very same originals."""
+    _uses.pop(user, None)
+    _refresh()
+    if not _uses:
+        _originals.restore()
+
+
+def _refresh() -> None:
+    global _after_eval
+    uses = list(_uses.values())
+    streams.configure(cleanup=any(use.cleanup for use in uses), seed=any(use.seed for use in uses))
+    _after_eval = tuple(use.after_eval for use in uses if use.after_eval is not None)
+
+
+def _put_on(mlx_core) -> None:
+    for name, wrapper in (("eval", adopt_then_eval), ("new_stream", _record_new_stream)):
+        _originals.set_attribute(mlx_core, name, wrapt.FunctionWrapper(module_attribute("mlx.core", name), wrapper))
+    for owner in (threading, sys):
+        _originals.set_attribute(owner, "excepthook", wrapt.FunctionWrapper(owner.excepthook, _explain_then_report))
+    # Every thread started from now on is waited for at exit once it ended, even one whose
+    # MLX calls the layer never sees (mlx-lm <= 0.25's generate_step: only async_eval
+    # and item() for a short prompt). _bootstrap_inner is where every threading.Thread
+    # starts (CPython 3.8-3.14).
+    if hasattr(threading.Thread, "_bootstrap_inner"):
+        _originals.set_attribute(threading.Thread, "_bootstrap_inner", wrapt.FunctionWrapper(
+            threading.Thread._bootstrap_inner, _watch_end_from_start))
+    diagnostics.watch_forks()
 
 
 def replacements():
@@ -108,23 +124,18 @@ def replacements():
     return list(_originals.records)
 
 
-def release(user: str) -> None:
-    """The last user to leave takes the layer off, restoring the very same originals."""
-    _users.discard(user)
-    if not _users:
-        _originals.restore()
-
-
 class AdoptionLayerPatch(Patch):
-    """A patch that needs threads adopted: the shared layer is on while any such patch is applied."""
+    """A patch that needs threads adopted: the layer is on, with this patch's `use`, while it is applied."""
+
+    use = Use()
 
     def replacements(self):
         return super().replacements() + replacements()
 
     def _apply(self, mlx_core) -> None:
-        require(mlx_core, self.id)
+        require(mlx_core, self.id, self.use)
         self.originals.on_restore(lambda: release(self.id))
         self._apply_with_layer(mlx_core)
 
     def _apply_with_layer(self, mlx_core) -> None:
-        raise NotImplementedError
+        """What the patch does beyond its use of the layer (nothing, by default)."""

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import threading
 from types import ModuleType
-from typing import Any
+from typing import Any, Dict, Tuple
 
 import wrapt
 
@@ -29,8 +29,9 @@ from ..common import thread_adoption
 
 COLLECTIVES = ("all_sum", "all_gather", "all_max", "all_min", "sum_scatter", "send", "recv", "recv_like")
 
-pending = thread_adoption.pending_collectives
-_lock = thread_adoption._collectives_lock
+# Collectives issued and not yet evaluated: group key -> (thread ident, thread name, collective).
+pending: Dict[Any, Tuple[int, str, str]] = {}
+_lock = threading.Lock()
 
 
 SAFE_RULE = ("Collectives pair up across ranks in the order each rank issues them: from two threads at once "
@@ -74,8 +75,20 @@ def _alive(ident: int) -> bool:
     return any(thread.ident == ident for thread in threading.enumerate())
 
 
+def settle_collectives_of_this_thread() -> None:
+    """The calling thread's mx.eval returned: every collective it issued has run."""
+    if not pending:  # the one check the single-thread path pays
+        return
+    me = threading.get_ident()
+    with _lock:
+        for key in [key for key, holder in pending.items() if holder[0] == me]:
+            del pending[key]
+
+
 class DistributedOneThreadPatch(thread_adoption.AdoptionLayerPatch):
-    """The shared layer's mx.eval wrapper settles a thread's pending collectives."""
+    """The layer's mx.eval wrapper settles a thread's pending collectives."""
+
+    use = thread_adoption.Use(after_eval=settle_collectives_of_this_thread)
 
     def _apply_with_layer(self, mlx_core: ModuleType) -> None:
         distributed = getattr(mlx_core, "distributed", None)

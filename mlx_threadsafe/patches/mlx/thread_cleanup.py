@@ -16,16 +16,11 @@ so that at exit the main thread waits for its OS thread to finish its C++ destru
 patch was on may still be waiting for the GIL).
 """
 
-from types import ModuleType
-
-from ... import streams
-from ..common.thread_adoption import AdoptionLayerPatch
+from ..common.thread_adoption import AdoptionLayerPatch, Use
 
 
 class ThreadCleanupPatch(AdoptionLayerPatch):
-    def _apply_with_layer(self, mlx_core: ModuleType) -> None:
-        streams.cleanup_enabled = True
-        self.originals.on_restore(lambda: setattr(streams, "cleanup_enabled", False))
+    use = Use(cleanup=True)
 
 
 # The compile cache is per thread from 0.31.2 on every backend, streams bound or not.

@@ -33,6 +33,8 @@ def _remember_explicit_seed(wrapped, instance, args, kwargs):
 
 
 class ThreadRngPatch(thread_adoption.AdoptionLayerPatch):
+    use = thread_adoption.Use(seed=True)
+
     def _apply_with_layer(self, mlx_core: ModuleType) -> None:
         random = mlx_core.random
         self.originals.set_attribute(random, "seed", wrapt.FunctionWrapper(random.seed, _remember_explicit_seed))
@@ -40,8 +42,6 @@ class ThreadRngPatch(thread_adoption.AdoptionLayerPatch):
             if hasattr(random, name):
                 self.originals.set_attribute(random, name, wrapt.FunctionWrapper(
                     getattr(random, name), thread_adoption.adopt_then_call))
-        streams.rng_enabled = True
-        self.originals.on_restore(lambda: setattr(streams, "rng_enabled", False))
 
 
 # The random key is per thread from 0.31.2 on every backend (evidence: mlx 0.31.2 CPU).

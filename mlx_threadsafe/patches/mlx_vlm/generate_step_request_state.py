@@ -139,11 +139,11 @@ class RequestStatePatch(Patch):
         if unreachable:
             log.debug("generate_step copies left unwrapped: %s", "; ".join(sorted(set(unreachable))))
         # Models mlx-vlm's loaders return (mlx_vlm.load.materialize, hence `requires`).
-        hooks = load_materialize.PATCH.after_load_hooks
+        loaders = load_materialize.PATCH
         wrapped_classes: set = set()
         hook = _evaluate_state_of_every_forward(self.originals, wrapped_classes)
-        hooks.append(hook)
-        self.originals.on_restore(lambda: hooks.remove(hook))
+        loaders.add_after_load(hook)
+        self.originals.on_restore(lambda: loaders.remove_after_load(hook))
         self.originals.on_restore(wrapped_classes.clear)
 
 
