@@ -44,7 +44,7 @@ if TYPE_CHECKING:  # imported on first use (below): `import mlx_threadsafe` stay
 __version__ = "0.1.0"  # the one place the version is written (pyproject.toml reads it)
 
 __all__ = [
-    "install", "uninstall", "status", "is_installed", "Status", "PatchStatus", "State",
+    "install", "install_later", "uninstall", "status", "is_installed", "Status", "PatchStatus", "State",
     "Worker", "WorkerClosed", "WorkerQueueFull", "WrongThread", "LazyModelUsedOffThread", "TargetMissing",
     "ForkedAfterMlxUse", "ConcurrentCollectives",
     "materialize", "generation_stream", "seed", "MlxThreadsafeWarning", "__version__",
@@ -102,12 +102,23 @@ def install(*, only: Optional[Iterable[str]] = None, exclude: Optional[Iterable[
         from . import batching
 
         batching.set_enabled(batch)
-    if only is None and exclude is None and _registry is None and not any(name in sys.modules for name in TRIGGERS):
-        _defer_planning()
+    if only is None and exclude is None and install_later():
         from .patch_status import Status
 
         return Status.planned_on_read(status)
     return install_now(only=only, exclude=exclude)
+
+
+def install_later() -> bool:
+    """Install at the first import of mlx, mlx_lm or mlx_vlm; False (nothing done) if one is imported already.
+
+    What the start-up hook calls: it builds no Status, so a process that never imports
+    MLX loads nothing beyond the package and the standard-library import watcher.
+    """
+    if _registry is not None or any(name in sys.modules for name in TRIGGERS):
+        return False
+    _defer_planning()
+    return True
 
 
 def install_now(*, only: Optional[Iterable[str]] = None, exclude: Optional[Iterable[str]] = None) -> "Status":

@@ -23,6 +23,7 @@ def run(origin: str) -> None:
     try:
         import mlx_threadsafe
 
-        mlx_threadsafe.install()
+        if not mlx_threadsafe.install_later():
+            mlx_threadsafe.install()
     except Exception as error:  # noqa: BLE001 - see the module docstring
         sys.stderr.write(f"mlx_threadsafe ({origin}): not installed at start-up: {type(error).__name__}: {error}\n")

@@ -11,10 +11,10 @@ applies and reverts what this module decides.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from collections import namedtuple
 from importlib import resources
 from types import ModuleType
-from typing import TYPE_CHECKING, Dict, FrozenSet, Iterable, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, Iterable, Mapping, Optional
 
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
@@ -34,18 +34,9 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
 # ------------------------------------------------------------------ the matrix
 
 
-@dataclass(frozen=True)
-class MatrixRow:
-    releases: SpecifierSet
-    patches: Tuple[str, ...]
-    summary: str
-    reason: str
-
-
-@dataclass(frozen=True)
-class PackageMatrix:
-    newest_known: Version
-    rows: Tuple[MatrixRow, ...]
+# Named tuples, not dataclasses: dataclasses imports inspect, which install() would pay for.
+MatrixRow = namedtuple("MatrixRow", "releases patches summary reason")  # SpecifierSet, ids, str, str
+PackageMatrix = namedtuple("PackageMatrix", "newest_known rows")  # Version, MatrixRow tuple
 
 
 def load_matrix(text: Optional[str] = None) -> Dict[str, PackageMatrix]:
@@ -68,21 +59,20 @@ def load_matrix(text: Optional[str] = None) -> Dict[str, PackageMatrix]:
 # ------------------------------------------------------------------ decisions
 
 
-@dataclass(frozen=True)
-class Decision:
-    """`apply`, or the state the patch takes instead (skipped, disabled), with the reason."""
+class Decision(namedtuple("Decision", "apply reason unknown_release state",
+                          defaults=(False, State.SKIPPED))):
+    """`apply`, or the `state` the patch takes instead (skipped, disabled), with the `reason`.
 
-    apply: bool
-    reason: str
-    unknown_release: bool = False  # newer than the matrix: the patch's probe has the last word
-    state: State = State.SKIPPED  # when not applied
+    `unknown_release`: newer than the matrix, so the patch's probe has the last word.
+    """
+
+    __slots__ = ()
 
 
-@dataclass(frozen=True)
-class Options:
-    only: Optional[FrozenSet[str]] = None
-    exclude: FrozenSet[str] = frozenset()
-    disabled_by_env: FrozenSet[str] = frozenset()
+class Options(namedtuple("Options", "only exclude disabled_by_env", defaults=(None, frozenset(), frozenset()))):
+    """install(only=..., exclude=...) and MLX_THREADSAFE_DISABLE."""
+
+    __slots__ = ()
 
     @classmethod
     def of_install(cls, only: Optional[Iterable[str]], exclude: Optional[Iterable[str]]) -> "Options":
@@ -120,8 +110,8 @@ def plan(patch: "Patch", env: versions.Environment, matrix: Dict[str, PackageMat
         return Decision(False, f"mlx {env.mlx} on {env.backend} does not bind streams to threads")
     if patch.backends is not None and env.backend not in patch.backends:
         return Decision(False, f"only on the {' or '.join(patch.backends)} backend; mlx runs on {env.backend} here")
-    if patch.opt_in is not None:
-        variable, value = patch.opt_in
+    if patch.enabled_by is not None:
+        variable, value = patch.enabled_by
         if os.environ.get(variable, "").strip().lower() != value:
             return Decision(False, f"opt-in: {variable}={value} applies it")
     return decision

@@ -32,7 +32,7 @@ class Patch:
     it fixes (`package`, a row family of the compat matrix), the module whose import
     triggers it (`trigger`), what it rewrites (`target`), the patches it relies on
     (`requires`), whether it is only needed where MLX binds streams to threads, on which
-    `backends` it applies (None: all), and the `opt_in` setting it waits for, if any.
+    `backends` it applies (None: all), and the setting it is `enabled_by`, if it waits for one.
     `apply(module)` runs `_apply` with the triggering module; everything `_apply`
     replaces is recorded in `self.originals`, so `revert()` puts the very same
     objects back, newest first. `_apply` raises TargetMissing when the release lacks
@@ -42,7 +42,7 @@ class Patch:
 
     def __init__(self, id: str, package: str, trigger: str, target: str, *,
                  requires: Sequence[str] = (), needs_thread_bound_streams: bool = False,
-                 backends: Optional[Sequence[str]] = None, opt_in: Optional[Tuple[str, str]] = None) -> None:
+                 backends: Optional[Sequence[str]] = None, enabled_by: Optional[Tuple[str, str]] = None) -> None:
         self.id = id
         self.package = package
         self.trigger = trigger
@@ -50,7 +50,7 @@ class Patch:
         self.requires = tuple(requires)
         self.needs_thread_bound_streams = needs_thread_bound_streams
         self.backends = tuple(backends) if backends is not None else None  # None: every backend
-        self.opt_in = opt_in  # (variable, value): applied only where the user set it so
+        self.enabled_by = enabled_by  # (variable, value): applied only where the user set it so
         self.originals = Originals()
 
     def __repr__(self) -> str:
@@ -85,6 +85,9 @@ def _configure_logging() -> None:
         handler.setFormatter(logging.Formatter("mlx_threadsafe: %(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.DEBUG)
+        # Our handler has it: the debug lines must not also reach a handler the program
+        # put on the root logger (vllm-mlx does), which would print them into its output.
+        log.propagate = False
 
 
 class Registry:

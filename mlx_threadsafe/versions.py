@@ -1,16 +1,16 @@
 """What is installed, read from package metadata so that nothing gets imported.
 
 `install()` must not import mlx, mlx-lm or mlx-vlm (they are slow to import and the
-application may never use them), so every fact here comes from `importlib.metadata`.
+application may never use them), so every fact here comes from their metadata.
 """
 
 from __future__ import annotations
 
+import os
 import sys
-from dataclasses import dataclass
+from collections import namedtuple
 from functools import lru_cache
-from importlib import metadata
-from typing import Optional
+from typing import Dict, List, Optional
 
 from packaging.version import InvalidVersion, Version
 
@@ -23,10 +23,32 @@ THREAD_BOUND_SINCE = {"metal": Version("0.31.2"), "cuda": Version("0.31.2"), "cp
 
 
 def distribution_version(name: str) -> Optional[str]:
+    # The version in the name of the installed `<name>-<version>.dist-info` folder (wheel and
+    # editable installs write one): importing importlib.metadata (with email) would cost
+    # install() about 25 ms. importlib.metadata answers where no such folder is found.
+    prefix = name.replace("-", "_").lower() + "-"
+    for folder in sys.path:
+        for entry in _entries(folder):
+            if entry.endswith(".dist-info") and entry.lower().startswith(prefix):
+                return entry[len(prefix):-len(".dist-info")]
+    from importlib import metadata
+
     try:
         return metadata.version(name)
     except metadata.PackageNotFoundError:
         return None
+
+
+_listed: Dict[str, List[str]] = {}
+
+
+def _entries(folder: str) -> List[str]:
+    if folder not in _listed:
+        try:
+            _listed[folder] = os.listdir(folder or ".") if os.path.isdir(folder or ".") else []
+        except OSError:
+            _listed[folder] = []
+    return _listed[folder]
 
 
 def parse(version: Optional[str]) -> Optional[Version]:
@@ -48,12 +70,13 @@ def mlx_backend() -> str:
     return "cpu"
 
 
-@dataclass(frozen=True)
-class Environment:
-    mlx: Optional[str]
-    mlx_lm: Optional[str]
-    mlx_vlm: Optional[str]
-    backend: str
+class Environment(namedtuple("Environment", "mlx mlx_lm mlx_vlm backend")):
+    """The installed mlx, mlx-lm, mlx-vlm (None: not installed) and mlx's backend.
+
+    A named tuple, not a dataclass: dataclasses imports inspect, a cost every install() would pay.
+    """
+
+    __slots__ = ()
 
     def version_of(self, package: str) -> Optional[str]:
         return {"mlx": self.mlx, "mlx-lm": self.mlx_lm, "mlx-vlm": self.mlx_vlm}[package]

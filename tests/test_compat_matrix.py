@@ -43,8 +43,9 @@ def test_a_matrix_row_that_drops_a_needed_patch_is_caught():
 def test_an_mlx_row_that_drops_the_module_stream_fix_is_caught():
     # mlx 0.32.4: a stream a module makes at import fails on every other thread without it
     problems = _check_with_row_changed(
-        'patches = ["mlx.thread_cleanup", "mlx.thread_rng", "mlx.module_streams", "mlx.distributed.one_thread"]',
-        'patches = ["mlx.thread_cleanup", "mlx.thread_rng", "mlx.distributed.one_thread"]')
+        '"mlx.thread_cleanup", "mlx.thread_rng", "mlx.module_streams", "mlx.distributed.one_thread",\n'
+        '  "mlx.cuda_graph_capture",',
+        '"mlx.thread_cleanup", "mlx.thread_rng", "mlx.distributed.one_thread",\n  "mlx.cuda_graph_capture",')
     assert any("mlx0.32.4: the matrix drops mlx.module_streams, but module_stream_on_request_thread"
                in p for p in problems), problems
 

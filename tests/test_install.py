@@ -161,10 +161,9 @@ def test_an_unknown_patch_id_is_a_clear_error():
 
 
 FAKE_VERSION = """
-import dataclasses
 from mlx_threadsafe import versions
 real = versions.detect()
-versions.detect = lambda: dataclasses.replace(real, **{FIELDS})
+versions.detect = lambda: real._replace(**{FIELDS})
 """
 
 

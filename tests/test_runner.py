@@ -84,8 +84,7 @@ def test_start_up_hook_imports_only_the_standard_library_until_mlx_is_imported()
                       env={"MLX_THREADSAFE": "1"})
     loaded = done.stdout.strip()
     assert loaded == ("['mlx_threadsafe', 'mlx_threadsafe.autoinstall', 'mlx_threadsafe.errors', "
-                      "'mlx_threadsafe.import_watch', 'mlx_threadsafe.materialize', "
-                      "'mlx_threadsafe.patch_status']"), done.stderr
+                      "'mlx_threadsafe.import_watch', 'mlx_threadsafe.materialize']"), done.stderr
 
 
 def test_start_up_hook_installs_at_the_first_import_of_mlx():

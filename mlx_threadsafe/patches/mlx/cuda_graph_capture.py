@@ -76,4 +76,4 @@ class CudaGraphCapturePatch(Patch):
 # CUDA graphs (and capture) are in every mlx-cuda release the matrix covers. Opt-in: about
 # 17% slower on one thread (benchmarks/cuda_capture/RESULTS.md).
 PATCH = CudaGraphCapturePatch("mlx.cuda_graph_capture", "mlx", "mlx.core", "os.environ.MLX_USE_CUDA_GRAPHS",
-                              backends=["cuda"], opt_in=(SWITCH, "off"))
+                              backends=["cuda"], enabled_by=(SWITCH, "off"))
