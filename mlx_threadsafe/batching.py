@@ -30,7 +30,6 @@ import itertools
 import logging
 import os
 import queue
-import sys
 import threading
 import time
 import weakref
@@ -261,7 +260,7 @@ def _evaluate_captured(functions) -> None:
     that thread's stream; evaluated, the Worker can read it. Closure cells, defaults and
     a partial's arguments are searched, containers inside them too, not objects.
     """
-    captured = []
+    captured: List[Any] = []
     for function in functions:
         if function is None:
             continue
@@ -376,7 +375,7 @@ class _ModelBatch:
         self.incoming: List[_Request] = []
         self.leaving: List[_Request] = []
         self.running = False
-        self.worker = None
+        self.worker: Optional[Any] = None  # a Worker, made at the first join
         self.sequences = 0  # sequences in the generator after the last step (read by stats())
         self.requests = 0
 
@@ -418,7 +417,7 @@ class _ModelBatch:
         from mlx_lm.generate import BatchGenerator
 
         active: Dict[int, _Request] = {}
-        generator = None
+        generator: Any = None
         try:
             while True:
                 with self.lock:

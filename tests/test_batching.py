@@ -126,7 +126,8 @@ def test_with_the_mode_off_calls_run_as_before_and_nothing_is_batched():
         gen_module = __import__("importlib").import_module("mlx_lm.generate")
         wrapped = gen_module.stream_generate.__wrapped__
         direct = [[r.token for r in wrapped(model, tokenizer, prompt(i), max_tokens=16)] for i in range(4)]
-        threaded = in_threads(lambda i: [r.token for r in stream_generate(model, tokenizer, prompt(i), max_tokens=16)], 4)
+        threaded = in_threads(
+            lambda i: [r.token for r in stream_generate(model, tokenizer, prompt(i), max_tokens=16)], 4)
         handed_back = stream_generate(model, tokenizer, prompt(0), max_tokens=4)
         print(json.dumps({"equal": threaded == direct, "stats": batching.stats(),
                           "original_generator": handed_back.gi_code is wrapped.__code__,
@@ -201,8 +202,10 @@ def test_calls_a_batch_cannot_serve_run_directly_and_are_counted():
         got = {
             "prompt_cache": [r.token for r in stream_generate(model, tokenizer, prompt(1), max_tokens=8,
                                                                prompt_cache=make_prompt_cache(model))],
-            "max_kv_size": [r.token for r in stream_generate(model, tokenizer, prompt(1), max_tokens=8, max_kv_size=64)],
-            "draft_model": [r.token for r in stream_generate(model, tokenizer, prompt(1), max_tokens=8, draft_model=model)],
+            "max_kv_size": [r.token for r in stream_generate(model, tokenizer, prompt(1), max_tokens=8,
+                                                              max_kv_size=64)],
+            "draft_model": [r.token for r in stream_generate(model, tokenizer, prompt(1), max_tokens=8,
+                                                              draft_model=model)],
         }
         print(json.dumps({"same": {k: v == want for k, v in got.items()}, "stats": batching.stats()}))
     """)
