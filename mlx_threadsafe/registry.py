@@ -30,7 +30,8 @@ class Patch:
 
     A patch declares its `id` (``<package module>.<target>.<what>``), the distribution
     it fixes (`package`, a row family of the compat matrix), the module whose import
-    triggers it (`trigger`), what it rewrites (`target`), the patches it relies on
+    triggers it (`trigger`), the dotted path of what it rewrites (`target`; `description`
+    says it in words), the patches it relies on
     (`requires`), whether it is only needed where MLX binds streams to threads, on which
     `backends` it applies (None: all), and the setting it is `enabled_by`, if it waits for one.
     `apply(module)` runs `_apply` with the triggering module; everything `_apply`
@@ -40,13 +41,14 @@ class Patch:
     than the matrix knows (None: apply it).
     """
 
-    def __init__(self, id: str, package: str, trigger: str, target: str, *,
+    def __init__(self, *, id: str, package: str, trigger: str, target: str, description: str = "",
                  requires: Sequence[str] = (), needs_thread_bound_streams: bool = False,
                  backends: Optional[Sequence[str]] = None, enabled_by: Optional[Tuple[str, str]] = None) -> None:
         self.id = id
         self.package = package
         self.trigger = trigger
-        self.target = target
+        self.target = target  # a dotted path: module.attribute[.attribute]
+        self.description = description  # what it does there, for people
         self.requires = tuple(requires)
         self.needs_thread_bound_streams = needs_thread_bound_streams
         self.backends = tuple(backends) if backends is not None else None  # None: every backend

@@ -140,3 +140,11 @@ def test_patch_keeps_the_contract(patch_id, ordering):
     assert left == 0 and final == "not-installed"
     if ordering == "install_twice":
         assert counts[1] == counts[2] == replaced, f"a second install applied again: {counts}"
+
+
+def test_every_target_is_a_dotted_path_and_every_patch_says_what_it_does():
+    import re
+
+    dotted = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+$")
+    assert [p.id for p in ALL if not dotted.match(p.target)] == []
+    assert [p.id for p in ALL if not p.description] == []

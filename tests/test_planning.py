@@ -31,7 +31,8 @@ reason = "why"
 
 
 def patch(patch_id, requires=(), streams=False):
-    return Patch(patch_id, "mlx", "mlx.core", "mlx.core.eval", requires=requires, needs_thread_bound_streams=streams)
+    return Patch(id=patch_id, package="mlx", trigger="mlx.core", target="mlx.core.eval", requires=requires,
+                 needs_thread_bound_streams=streams)
 
 
 def env(mlx="0.32.4", backend="cpu"):

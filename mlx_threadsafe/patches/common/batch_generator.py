@@ -225,8 +225,9 @@ def _delete_on_owner(wrapped, instance, args, kwargs):
 class _BatchGeneratorPatch(Patch):
     """A patch of the BatchGenerator class a release keeps in the first of `homes` that has one."""
 
-    def __init__(self, id: str, package: str, homes: Sequence[str], what: str = "") -> None:
-        super().__init__(id, package, package.replace("-", "_"), f"{homes[0]}.BatchGenerator{what}")
+    def __init__(self, *, package: str, homes: Sequence[str], what: str = "", **fields) -> None:
+        super().__init__(package=package, trigger=package.replace("-", "_"), target=f"{homes[0]}.BatchGenerator{what}",
+                         **fields)
         self.homes = list(homes)
 
     def batch_generator_class(self) -> Any:
@@ -311,8 +312,8 @@ def _sync_only_on_entering_thread(wrapped, instance, args, kwargs):
 class CloseGuardPatch(_BatchGeneratorPatch):
     """close()/__del__ of the BatchGenerator class never raise off their thread."""
 
-    def __init__(self, id: str, package: str, homes: Sequence[str]) -> None:
-        super().__init__(id, package, homes, ".close")
+    def __init__(self, **fields) -> None:
+        super().__init__(what=".close", description="close() and __del__ never raise off their thread", **fields)
 
     def _apply(self, module: ModuleType) -> None:
         cls = self.batch_generator_class()

@@ -48,9 +48,10 @@ def _asked_lazy(signature: Optional[inspect.Signature], args, kwargs) -> bool:
 
 
 class LoadMaterializePatch(Patch):
-    def __init__(self, id: str, package: str, trigger: str, targets: Sequence[Tuple[str, str]]) -> None:
-        super().__init__(id, package, trigger, f"{targets[0][0]}.{targets[0][1]} and the other loaders",
-                         needs_thread_bound_streams=True)
+    def __init__(self, *, targets: Sequence[Tuple[str, str]], **fields) -> None:
+        super().__init__(target=f"{targets[0][0]}.{targets[0][1]}",
+                         description="a loaded model is evaluated before the loader returns (and the other loaders)",
+                         needs_thread_bound_streams=True, **fields)
         self.targets = list(targets)  # (module, function name); missing ones are skipped
         self.guarded_classes: set = set()
         self._load_hooks: List[Callable[[Any], None]] = []

@@ -19,8 +19,9 @@ from ...registry import Patch
 
 
 class GenerationStreamPatch(Patch):
-    def __init__(self, id: str, package: str, trigger: str, homes: Sequence[str]) -> None:
-        super().__init__(id, package, trigger, f"{homes[0]}.generation_stream", needs_thread_bound_streams=True)
+    def __init__(self, *, homes: Sequence[str], **fields) -> None:
+        super().__init__(target=f"{homes[0]}.generation_stream", description="one generation stream per thread",
+                         needs_thread_bound_streams=True, **fields)
         self.homes = list(homes)  # modules that define generation_stream, newest layout first
 
     def probe(self, module: ModuleType) -> Optional[str]:

@@ -45,8 +45,9 @@ class ServerStopAtExitPatch(Patch):
     ``python -m`` (its module is ``__main__``, never imported under its name).
     """
 
-    def __init__(self, id: str, package: str, trigger: str, server_module: str) -> None:
-        super().__init__(id, package, trigger, f"{server_module}.ResponseGenerator")
+    def __init__(self, *, server_module: str, **fields) -> None:
+        super().__init__(target=f"{server_module}.ResponseGenerator",
+                         description="its generation thread is stopped at exit", **fields)
         self.server_module = server_module
         self._generators: "weakref.WeakSet" = weakref.WeakSet()
 

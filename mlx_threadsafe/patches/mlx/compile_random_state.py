@@ -148,4 +148,6 @@ class CompileRandomStatePatch(Patch):
 
 
 # The random key is per thread from 0.31.2 on every backend, streams bound or not.
-PATCH = CompileRandomStatePatch("mlx.compile.random_state", "mlx", "mlx.core", "mx.compile")
+PATCH = CompileRandomStatePatch(id="mlx.compile.random_state", package="mlx", trigger="mlx.core",
+                                target="mlx.core.compile",
+                                description="a compiled sampler advances the calling thread's key")

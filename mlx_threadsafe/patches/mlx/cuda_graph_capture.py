@@ -46,8 +46,8 @@ _UNSET = object()
 
 
 class CudaGraphCapturePatch(Patch):
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, **fields) -> None:
+        super().__init__(**fields)
         self._previous: object = _UNSET  # what VARIABLE held before apply; _UNSET: nothing to undo
         self.effect: Optional[str] = None  # what apply did, for status and tests
 
@@ -75,5 +75,7 @@ class CudaGraphCapturePatch(Patch):
 
 # CUDA graphs (and capture) are in every mlx-cuda release the matrix covers. Opt-in: about
 # 17% slower on one thread (benchmarks/cuda_capture/RESULTS.md).
-PATCH = CudaGraphCapturePatch("mlx.cuda_graph_capture", "mlx", "mlx.core", "os.environ.MLX_USE_CUDA_GRAPHS",
+PATCH = CudaGraphCapturePatch(id="mlx.cuda_graph_capture", package="mlx", trigger="mlx.core",
+                              target="os.environ.MLX_USE_CUDA_GRAPHS",
+                              description="MLX's CUDA graphs off: no stream capture to abort",
                               backends=["cuda"], enabled_by=(SWITCH, "off"))

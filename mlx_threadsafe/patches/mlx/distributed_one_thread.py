@@ -102,4 +102,6 @@ class DistributedOneThreadPatch(thread_adoption.AdoptionLayerPatch):
 
 
 # Interleaved collectives are wrong whether or not streams are thread-bound.
-PATCH = DistributedOneThreadPatch("mlx.distributed.one_thread", "mlx", "mlx.core", "mx.distributed collectives")
+PATCH = DistributedOneThreadPatch(id="mlx.distributed.one_thread", package="mlx", trigger="mlx.core",
+                                  target="mlx.core.distributed",
+                                  description="a collective from a second thread of a rank is an error")

@@ -96,5 +96,6 @@ class StreamRulePatch(Patch):
             self.originals.set_attribute(mlx_core, name, wrapt.FunctionWrapper(getattr(mlx_core, name), wrapper))
 
 
-PATCH = StreamRulePatch("mlx.module_streams", "mlx", "mlx.core", "mlx.core.stream",
+PATCH = StreamRulePatch(id="mlx.module_streams", package="mlx", trigger="mlx.core", target="mlx.core.stream",
+                        description="a stream entered off its thread runs on that thread's twin of it",
                         needs_thread_bound_streams=True)

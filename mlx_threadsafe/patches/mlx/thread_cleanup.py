@@ -24,4 +24,5 @@ class ThreadCleanupPatch(AdoptionLayerPatch):
 
 
 # The compile cache is per thread from 0.31.2 on every backend, streams bound or not.
-PATCH = ThreadCleanupPatch("mlx.thread_cleanup", "mlx", "mlx.core", "mx.eval (thread end)")
+PATCH = ThreadCleanupPatch(id="mlx.thread_cleanup", package="mlx", trigger="mlx.core", target="mlx.core.eval",
+                           description="a thread that used MLX releases its streams as it ends")

@@ -45,4 +45,5 @@ class ThreadRngPatch(thread_adoption.AdoptionLayerPatch):
 
 
 # The random key is per thread from 0.31.2 on every backend (evidence: mlx 0.31.2 CPU).
-PATCH = ThreadRngPatch("mlx.thread_rng", "mlx", "mlx.core", "mx.random (per-thread keys)")
+PATCH = ThreadRngPatch(id="mlx.thread_rng", package="mlx", trigger="mlx.core", target="mlx.core.random",
+                       description="each thread draws from its own key")

@@ -10,4 +10,4 @@ from ..common.batch_generator import CloseGuardPatch
 
 # Metal binds streams from 0.31.2 while the CPU build waits for 0.32.0: the guard is
 # cheap, so it goes on wherever the matrix names it rather than by backend.
-PATCH = CloseGuardPatch("mlx_lm.BatchGenerator.close_guard", "mlx-lm", ["mlx_lm.generate"])
+PATCH = CloseGuardPatch(id="mlx_lm.BatchGenerator.close_guard", package="mlx-lm", homes=["mlx_lm.generate"])

@@ -11,4 +11,5 @@ both threads. On a Worker, calls from several threads are serialized.
 from ..common.batch_generator import BatchGeneratorOwnerPatch
 
 # Two threads stepping one generator crash with or without thread-bound streams.
-PATCH = BatchGeneratorOwnerPatch("mlx_lm.BatchGenerator.owner", "mlx-lm", ["mlx_lm.generate"])
+PATCH = BatchGeneratorOwnerPatch(id="mlx_lm.BatchGenerator.owner", package="mlx-lm", homes=["mlx_lm.generate"],
+                                 description="a generator is driven by one owner thread")

@@ -9,4 +9,5 @@ keep a name-imported copy in ``mlx_lm.server``, repointed too.
 
 from ..common.module_stream import GenerationStreamPatch
 
-PATCH = GenerationStreamPatch("mlx_lm.generation_stream", "mlx-lm", "mlx_lm", ["mlx_lm.generate", "mlx_lm.utils"])
+PATCH = GenerationStreamPatch(id="mlx_lm.generation_stream", package="mlx-lm", trigger="mlx_lm",
+                              homes=["mlx_lm.generate", "mlx_lm.utils"])

@@ -7,7 +7,7 @@ evaluated, and a model loaded on one thread then fails on another.
 
 from ..common.load_materialize import LoadMaterializePatch
 
-PATCH = LoadMaterializePatch("mlx_lm.load.materialize", "mlx-lm", "mlx_lm", [
+PATCH = LoadMaterializePatch(id="mlx_lm.load.materialize", package="mlx-lm", trigger="mlx_lm", targets=[
     ("mlx_lm.utils", "load"),
     ("mlx_lm.utils", "load_model"),
     ("mlx_lm.utils", "load_adapters"),

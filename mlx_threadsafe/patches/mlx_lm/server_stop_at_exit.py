@@ -12,4 +12,5 @@ from ..common.server_stop_at_exit import ServerStopAtExitPatch
 
 # A thread alive at exit aborts the process whether or not streams are thread-bound.
 # Triggered by mlx_lm itself: `python -m mlx_lm.server` never imports mlx_lm.server by name.
-PATCH = ServerStopAtExitPatch("mlx_lm.server.stop_at_exit", "mlx-lm", "mlx_lm", "mlx_lm.server")
+PATCH = ServerStopAtExitPatch(id="mlx_lm.server.stop_at_exit", package="mlx-lm", trigger="mlx_lm",
+                              server_module="mlx_lm.server")

@@ -58,5 +58,6 @@ def _deactivate() -> None:
     batching._applied = False
 
 
-PATCH = StreamGenerateBatchPatch("mlx_lm.stream_generate.batch", "mlx-lm", "mlx_lm",
-                                 "mlx_lm.generate.stream_generate")
+PATCH = StreamGenerateBatchPatch(id="mlx_lm.stream_generate.batch", package="mlx-lm", trigger="mlx_lm",
+                                 target="mlx_lm.generate.stream_generate",
+                                 description="concurrent calls on one model join one batch (opt-in)")

@@ -45,5 +45,7 @@ class DetokenizerPerCallerPatch(Patch):
 
 
 # A plain Python data race: it corrupts text whether or not streams are thread-bound.
-PATCH = DetokenizerPerCallerPatch("mlx_lm.TokenizerWrapper.detokenizer", "mlx-lm", "mlx_lm.tokenizer_utils",
-                                  "mlx_lm.tokenizer_utils.TokenizerWrapper.detokenizer")
+PATCH = DetokenizerPerCallerPatch(id="mlx_lm.TokenizerWrapper.detokenizer", package="mlx-lm",
+                                  trigger="mlx_lm.tokenizer_utils",
+                                  target="mlx_lm.tokenizer_utils.TokenizerWrapper.detokenizer",
+                                  description="one streaming detokenizer per caller")

@@ -12,4 +12,5 @@ limit is still restored), swallows only that error in ``close()``, and keeps
 from ..common.batch_generator import CloseGuardPatch
 
 # Metal binds streams from mlx 0.31.2, whatever the CPU build does.
-PATCH = CloseGuardPatch("mlx_vlm.BatchGenerator.close_guard", "mlx-vlm", ["mlx_vlm.generate.ar", "mlx_vlm.generate"])
+PATCH = CloseGuardPatch(id="mlx_vlm.BatchGenerator.close_guard", package="mlx-vlm",
+                        homes=["mlx_vlm.generate.ar", "mlx_vlm.generate"])

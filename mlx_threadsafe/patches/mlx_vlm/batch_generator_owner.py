@@ -12,4 +12,6 @@ first, since lazy ones belong to the caller's stream.
 from ..common.batch_generator import BatchGeneratorOwnerPatch
 
 # 0.6.0+ keeps the class in mlx_vlm/generate/ar.py; 0.3.10-0.5.0 in mlx_vlm/generate.py.
-PATCH = BatchGeneratorOwnerPatch("mlx_vlm.BatchGenerator.owner", "mlx-vlm", ["mlx_vlm.generate.ar", "mlx_vlm.generate"])
+PATCH = BatchGeneratorOwnerPatch(id="mlx_vlm.BatchGenerator.owner", package="mlx-vlm",
+                                 homes=["mlx_vlm.generate.ar", "mlx_vlm.generate"],
+                                 description="a generator is driven by one owner thread")

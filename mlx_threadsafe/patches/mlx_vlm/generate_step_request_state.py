@@ -148,5 +148,7 @@ class RequestStatePatch(Patch):
 
 
 # Two requests overwrite each other's positions whether or not streams are thread-bound.
-PATCH = RequestStatePatch("mlx_vlm.generate_step.request_state", "mlx-vlm", "mlx_vlm",
-                          "mlx_vlm.generate.generate_step", requires=["mlx_vlm.load.materialize"])
+PATCH = RequestStatePatch(id="mlx_vlm.generate_step.request_state", package="mlx-vlm", trigger="mlx_vlm",
+                          target="mlx_vlm.generate.generate_step",
+                          description="each request keeps its own rope positions on a shared model",
+                          requires=["mlx_vlm.load.materialize"])

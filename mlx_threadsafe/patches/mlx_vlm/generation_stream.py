@@ -7,4 +7,5 @@ Those releases create ``generation_stream = mx.new_stream(...)`` at import
 
 from ..common.module_stream import GenerationStreamPatch
 
-PATCH = GenerationStreamPatch("mlx_vlm.generation_stream", "mlx-vlm", "mlx_vlm", ["mlx_vlm.generate", "mlx_vlm.utils"])
+PATCH = GenerationStreamPatch(id="mlx_vlm.generation_stream", package="mlx-vlm", trigger="mlx_vlm",
+                              homes=["mlx_vlm.generate", "mlx_vlm.utils"])

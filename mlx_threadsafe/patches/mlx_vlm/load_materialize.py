@@ -7,7 +7,7 @@ and ``sharded_load`` evaluates only the language model, leaving the vision tower
 
 from ..common.load_materialize import LoadMaterializePatch
 
-PATCH = LoadMaterializePatch("mlx_vlm.load.materialize", "mlx-vlm", "mlx_vlm", [
+PATCH = LoadMaterializePatch(id="mlx_vlm.load.materialize", package="mlx-vlm", trigger="mlx_vlm", targets=[
     ("mlx_vlm.utils", "load"),
     ("mlx_vlm.utils", "load_model"),
     ("mlx_vlm.utils", "apply_lora_layers"),

@@ -14,5 +14,5 @@ generator's own ``stop_and_join(timeout=...)``.
 from ..common.server_stop_at_exit import ServerStopAtExitPatch
 
 # A thread alive at exit aborts the process whether or not streams are thread-bound.
-PATCH = ServerStopAtExitPatch("mlx_vlm.server.stop_at_exit", "mlx-vlm", "mlx_vlm.server.generation",
-                              "mlx_vlm.server.generation")
+PATCH = ServerStopAtExitPatch(id="mlx_vlm.server.stop_at_exit", package="mlx-vlm",
+                              trigger="mlx_vlm.server.generation", server_module="mlx_vlm.server.generation")
