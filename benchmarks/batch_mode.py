@@ -16,7 +16,6 @@ request alone pays for the mode.
 from __future__ import annotations
 
 import statistics
-import threading
 import time
 from typing import Any, Dict, List
 
@@ -24,29 +23,10 @@ from typing import Any, Dict, List
 def _threads(model, tokenizer, prompts: List[List[int]], tokens: int) -> Dict[str, Any]:
     from mlx_lm import stream_generate
 
-    n = len(prompts)
-    outputs: List[Any] = [None] * n
-    finished = [0.0] * n
-    errors: List[str] = []
-    gate = threading.Barrier(n + 1)
-    start = 0.0
+    from .measure import requests_released_together
 
-    def serve(index: int) -> None:
-        gate.wait()
-        try:
-            outputs[index] = [r.token for r in stream_generate(model, tokenizer, prompts[index], max_tokens=tokens)]
-        except Exception as error:  # noqa: BLE001 - recorded: a failed request is no sample
-            errors.append(repr(error)[:300])
-        finished[index] = time.perf_counter() - start
-
-    threads = [threading.Thread(target=serve, args=(i,), name=f"request-{i}") for i in range(n)]
-    for thread in threads:
-        thread.start()
-    start = time.perf_counter()
-    gate.wait()
-    for thread in threads:
-        thread.join()
-    return {"outputs": outputs, "finished": finished, "errors": errors}
+    return requests_released_together(len(prompts), lambda index: [
+        r.token for r in stream_generate(model, tokenizer, prompts[index], max_tokens=tokens)])
 
 
 def _lone(model, tokenizer, tokens: int) -> float:

@@ -19,7 +19,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Dict, List
+from typing import Any, Callable, Dict, List
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -350,7 +350,11 @@ def _serial_requests(model, prompts: List[List[int]], tokens: int) -> Dict[str, 
 
 def _threaded_requests(model, prompts: List[List[int]], tokens: int) -> Dict[str, Any]:
     """One thread per request, all on the one model, released together."""
-    n = len(prompts)
+    return requests_released_together(len(prompts), lambda index: _greedy_tokens(model, prompts[index], tokens))
+
+
+def requests_released_together(n: int, request: Callable[[int], Any]) -> Dict[str, Any]:
+    """`request(i)` on n threads at once (a barrier releases them); each one's result and finish time."""
     outputs: List[Any] = [None] * n
     finished = [0.0] * n
     errors: List[str] = []
@@ -360,7 +364,7 @@ def _threaded_requests(model, prompts: List[List[int]], tokens: int) -> Dict[str
     def serve(index: int) -> None:
         gate.wait()
         try:
-            outputs[index] = _greedy_tokens(model, prompts[index], tokens)
+            outputs[index] = request(index)
         except Exception as error:  # noqa: BLE001 - recorded: a failed request is no sample
             errors.append(repr(error)[:300])
         finished[index] = time.perf_counter() - start
