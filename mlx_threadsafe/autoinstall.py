@@ -24,6 +24,6 @@ def run(origin: str) -> None:
         import mlx_threadsafe
 
         if not mlx_threadsafe.install_later():
-            mlx_threadsafe.install()
+            mlx_threadsafe.install_now()
     except Exception as error:  # noqa: BLE001 - see the module docstring
         sys.stderr.write(f"mlx_threadsafe ({origin}): not installed at start-up: {type(error).__name__}: {error}\n")

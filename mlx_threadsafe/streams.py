@@ -52,10 +52,6 @@ def configure(*, cleanup: bool, seed: bool) -> None:
     """Whether adopted threads release their streams as they end, and get their own random key."""
     _policy.cleanup, _policy.seed = cleanup, seed
 
-
-def is_adopted() -> bool:
-    return getattr(_local, "adopted", False)
-
 _rng_lock = threading.Lock()
 _process_seed: Optional[int] = None
 _names_seen: Counter = Counter()

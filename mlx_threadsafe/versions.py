@@ -45,8 +45,8 @@ _listed: Dict[str, List[str]] = {}
 def _entries(folder: str) -> List[str]:
     if folder not in _listed:
         try:
-            _listed[folder] = os.listdir(folder or ".") if os.path.isdir(folder or ".") else []
-        except OSError:
+            _listed[folder] = os.listdir(folder or ".")
+        except OSError:  # not a folder (a zip file), or gone
             _listed[folder] = []
     return _listed[folder]
 

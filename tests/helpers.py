@@ -76,3 +76,12 @@ def outcome_with_shim(name: str, python: str = None):
             break
         outcome = run_in_subprocess(name, shim=True, python=python)
     return outcome
+
+
+# A program prelude that reports the CUDA backend before install() plans (the only check of the
+# hardware the CUDA patches make), for testing their wiring on the CPU.
+AS_CUDA = """
+    from mlx_threadsafe import versions
+    real = versions.detect()
+    versions.detect = lambda: versions.Environment(real.mlx, real.mlx_lm, real.mlx_vlm, "cuda")
+"""

@@ -12,18 +12,12 @@ should.
 import json
 
 import pytest
-from helpers import run_json
+from helpers import AS_CUDA, run_json
 
 from mlx_threadsafe.patches import ALL, by_id
 
 PATCH_ID = "mlx.cuda_graph_capture"
 
-# Report the CUDA backend (the patch's only check of the hardware) before install() plans.
-AS_CUDA = """
-    from mlx_threadsafe import versions
-    real = versions.detect()
-    versions.detect = lambda: versions.Environment(real.mlx, real.mlx_lm, real.mlx_vlm, "cuda")
-"""
 
 PROBE = """
     import json, os

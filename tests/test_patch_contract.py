@@ -9,7 +9,7 @@ the coverage test fails until it is there.
 """
 
 import pytest
-from helpers import run_json
+from helpers import AS_CUDA, run_json
 from releases import release_python
 
 from mlx_threadsafe.patches import ALL
@@ -38,11 +38,8 @@ PATCH_ENVIRONMENTS = {
     # CUDA only, opt-in: this environment with the backend reported as CUDA and the opt-in set.
     "mlx.cuda_graph_capture": "as-cuda-opted-in",
 }
-AS_CUDA_OPTED_IN = """
+AS_CUDA_OPTED_IN = AS_CUDA + """
     import os
-    from mlx_threadsafe import versions
-    real = versions.detect()
-    versions.detect = lambda: versions.Environment(real.mlx, real.mlx_lm, real.mlx_vlm, "cuda")
     os.environ["MLX_THREADSAFE_CUDA_GRAPHS"] = "off"
 """
 

@@ -141,16 +141,21 @@ def handle():
 """
 
 
-@scenario("a stream a module makes at import, used on a request thread (any library's module)")
-def module_stream_on_request_thread() -> str:
+def _import_written(name: str, source: str):
+    """Import `source` as module `name` from a fresh folder: a library's module, imported on this thread."""
     import importlib
     import tempfile
 
     folder = tempfile.mkdtemp(prefix="mlx_threadsafe-module-")
-    with open(os.path.join(folder, "module_with_stream.py"), "w") as file:
-        file.write(_MODULE_WITH_STREAM)
+    with open(os.path.join(folder, f"{name}.py"), "w") as file:
+        file.write(source)
     sys.path.insert(0, folder)
-    module = importlib.import_module("module_with_stream")
+    return importlib.import_module(name)
+
+
+@scenario("a stream a module makes at import, used on a request thread (any library's module)")
+def module_stream_on_request_thread() -> str:
+    module = _import_written("module_with_stream", _MODULE_WITH_STREAM)
     got = on_new_thread(module.handle)
     if got != module.handle():
         raise AssertionError(f"the request thread computed {got}, the importing thread {module.handle()}")
@@ -203,17 +208,11 @@ def plus_one_by_default(stream):
 @scenario("streams held anywhere (class and instance attributes, containers, made in main()) entered on "
           "request threads")
 def streams_held_anywhere_on_request_threads() -> str:
-    import importlib
-    import tempfile
     import threading
 
     import mlx.core as mx
 
-    folder = tempfile.mkdtemp(prefix="mlx_threadsafe-streams-")
-    with open(os.path.join(folder, "module_holding_streams.py"), "w") as file:
-        file.write(_MODULE_HOLDING_STREAMS)
-    sys.path.insert(0, folder)
-    module = importlib.import_module("module_holding_streams")
+    module = _import_written("module_holding_streams", _MODULE_HOLDING_STREAMS)
     engine = type("Engine", (), {})()
     engine.stream = mx.new_stream(mx.default_device())  # an instance attribute, made after import
     made_in_main = mx.new_stream(mx.default_device())

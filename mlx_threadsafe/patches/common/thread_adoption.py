@@ -43,8 +43,7 @@ _after_eval: Tuple[Callable[[], None], ...] = ()
 
 
 def adopt_then_call(wrapped, instance, args, kwargs):
-    if not streams.is_adopted():
-        streams.adopt_current_thread()
+    streams.adopt_current_thread()  # once per thread; after that one attribute lookup
     try:
         return wrapped(*args, **kwargs)
     except RuntimeError as error:
@@ -55,8 +54,7 @@ def adopt_then_call(wrapped, instance, args, kwargs):
 def _record_new_stream(wrapped, instance, args, kwargs):
     stream = wrapped(*args, **kwargs)  # first: adoption may make the thread's default stream
     stream_owners.record(stream)
-    if not streams.is_adopted():
-        streams.adopt_current_thread()
+    streams.adopt_current_thread()
     return stream
 
 
