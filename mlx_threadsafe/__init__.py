@@ -12,21 +12,8 @@ plans just before the first of them is imported (or when its status is first rea
 which is where the matrix, wrapt and the patches are loaded.
 """
 
-from __future__ import annotations
-
 import sys
 from _thread import RLock
-
-from .errors import (
-    ConcurrentCollectives,
-    ForkedAfterMlxUse,
-    LazyModelUsedOffThread,
-    MlxThreadsafeWarning,
-    TargetMissing,
-    WorkerClosed,
-    WorkerQueueFull,
-    WrongThread,
-)
 
 # A function of the same name as its module: bound here, or the submodule, once imported,
 # would shadow it as the package attribute.
@@ -36,6 +23,16 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:  # imported on first use (below): `import mlx_threadsafe` stays cheap, typing included
     from typing import Any, Iterable, Optional
 
+    from .errors import (
+        ConcurrentCollectives,
+        ForkedAfterMlxUse,
+        LazyModelUsedOffThread,
+        MlxThreadsafeWarning,
+        TargetMissing,
+        WorkerClosed,
+        WorkerQueueFull,
+        WrongThread,
+    )
     from .patch_status import PatchStatus, State, Status
     from .registry import Registry
     from .streams import generation_stream, seed
@@ -54,17 +51,19 @@ __all__ = [
 _LAZY = {
     "Worker": "worker", "generation_stream": "streams", "seed": "streams",
     "Status": "patch_status", "PatchStatus": "patch_status", "State": "patch_status",
+    **dict.fromkeys(("ConcurrentCollectives", "ForkedAfterMlxUse", "LazyModelUsedOffThread", "MlxThreadsafeWarning",
+                     "TargetMissing", "WorkerClosed", "WorkerQueueFull", "WrongThread"), "errors"),
 }
 
 # The import of one of these plans an install() that was made before it.
 TRIGGERS = ("mlx", "mlx_lm", "mlx_vlm")
 
 _registry: "Optional[Registry]" = None
-_deferred: Any = None  # the import watcher of an install() waiting for the first MLX import
+_deferred: "Any" = None  # the import watcher of an install() waiting for the first MLX import
 _lock = RLock()  # a thread-end or import hook may re-enter while the registry is made
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> "Any":
     if name in _LAZY:
         import importlib
 
@@ -86,8 +85,8 @@ def _get_registry() -> "Registry":
     return _registry
 
 
-def install(*, only: Optional[Iterable[str]] = None, exclude: Optional[Iterable[str]] = None,
-            batch: Optional[bool] = None) -> "Status":
+def install(*, only: "Optional[Iterable[str]]" = None, exclude: "Optional[Iterable[str]]" = None,
+            batch: "Optional[bool]" = None) -> "Status":
     """Apply the patches this environment needs; idempotent. Returns the status table.
 
     `only` / `exclude` take patch ids; MLX_THREADSAFE_DISABLE=id1,id2 (or *) disables
@@ -121,7 +120,8 @@ def install_later() -> bool:
     return True
 
 
-def install_now(*, only: Optional[Iterable[str]] = None, exclude: Optional[Iterable[str]] = None) -> "Status":
+def install_now(*, only: "Optional[Iterable[str]]" = None,
+                exclude: "Optional[Iterable[str]]" = None) -> "Status":
     """install(), planned now whatever is imported (the start-up hook, from inside the first MLX import)."""
     _cancel_deferred()
     return _get_registry().install(only=only, exclude=exclude)

@@ -8,8 +8,6 @@ failure to install becomes one line on stderr (and a package too broken to impor
 reported by `site` itself, which then goes on).
 """
 
-from __future__ import annotations
-
 import sys
 
 

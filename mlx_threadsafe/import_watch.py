@@ -11,10 +11,8 @@ every process at the cost of a few microseconds per import: the full install wai
 until the first import of mlx, mlx_lm or mlx_vlm.
 """
 
-from __future__ import annotations
-
+import _frozen_importlib_external  # what importlib.machinery re-exports, without importing importlib
 import _thread
-import importlib.machinery
 import sys
 
 TYPE_CHECKING = False
@@ -22,8 +20,8 @@ if TYPE_CHECKING:  # the start-up hook imports this module: no typing, no thread
     from types import ModuleType
     from typing import Callable, List
 
-_PER_MODULE_LOADERS = (importlib.machinery.SourceFileLoader, importlib.machinery.SourcelessFileLoader,
-                       importlib.machinery.ExtensionFileLoader)
+_PER_MODULE_LOADERS = (_frozen_importlib_external.SourceFileLoader, _frozen_importlib_external.SourcelessFileLoader,
+                       _frozen_importlib_external.ExtensionFileLoader)
 
 # Called with each module once its code has run, in the order they were added.
 after_import: "List[Callable[[ModuleType], None]]" = []
@@ -87,17 +85,17 @@ class _AfterImport:
 _finder = _AfterImport()
 
 
-def watch(callback: Callable[[ModuleType], None]) -> None:
+def watch(callback: "Callable[[ModuleType], None]") -> None:
     """Call `callback(module)` after every later import; the watcher goes first in sys.meta_path."""
     _add(after_import, callback)
 
 
-def watch_before(callback: Callable[[str], None]) -> None:
+def watch_before(callback: "Callable[[str], None]") -> None:
     """Call `callback(name)` before every later import looks for its module."""
     _add(before_import, callback)
 
 
-def unwatch(callback: Callable) -> None:
+def unwatch(callback: "Callable") -> None:
     """Stop calling `callback`; the watcher leaves sys.meta_path with its last callback."""
     for callbacks in (after_import, before_import):
         if callback in callbacks:
@@ -106,7 +104,7 @@ def unwatch(callback: Callable) -> None:
         sys.meta_path.remove(_finder)
 
 
-def _add(callbacks: List, callback: Callable) -> None:
+def _add(callbacks: "List", callback: "Callable") -> None:
     if callback not in callbacks:
         callbacks.append(callback)
     if _finder not in sys.meta_path:

@@ -24,13 +24,24 @@ THREAD_BOUND_SINCE = {"metal": Version("0.31.2"), "cuda": Version("0.31.2"), "cp
 
 def distribution_version(name: str) -> Optional[str]:
     # The version in the name of the installed `<name>-<version>.dist-info` folder (wheel and
-    # editable installs write one): importing importlib.metadata (with email) would cost
-    # install() about 25 ms. importlib.metadata answers where no such folder is found.
+    # editable installs write one). importlib.metadata (with email) costs install() about
+    # 25 ms, and a miss costs it a scan of every path entry: it answers only where a folder
+    # does not say (an .egg-info, a zip file on sys.path).
     prefix = name.replace("-", "_").lower() + "-"
+    ask_metadata = False
     for folder in sys.path:
-        for entry in _entries(folder):
-            if entry.endswith(".dist-info") and entry.lower().startswith(prefix):
+        entries = _entries(folder)
+        if entries is None:
+            ask_metadata = True
+            continue
+        for entry in entries:
+            lowered = entry.lower()
+            if lowered.endswith(".dist-info") and lowered.startswith(prefix):
                 return entry[len(prefix):-len(".dist-info")]
+            if lowered.endswith(".egg-info") and (lowered.startswith(prefix) or lowered == prefix[:-1] + ".egg-info"):
+                ask_metadata = True
+    if not ask_metadata:
+        return None
     from importlib import metadata
 
     try:
@@ -39,15 +50,18 @@ def distribution_version(name: str) -> Optional[str]:
         return None
 
 
-_listed: Dict[str, List[str]] = {}
+_listed: Dict[str, Optional[List[str]]] = {}
 
 
-def _entries(folder: str) -> List[str]:
+def _entries(folder: str) -> Optional[List[str]]:
+    """The names in a sys.path folder; [] if it is gone, None if it is not a folder (a zip file)."""
     if folder not in _listed:
         try:
             _listed[folder] = os.listdir(folder or ".")
-        except OSError:  # not a folder (a zip file), or gone
+        except (FileNotFoundError, PermissionError):
             _listed[folder] = []
+        except OSError:
+            _listed[folder] = None
     return _listed[folder]
 
 
