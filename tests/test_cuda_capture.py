@@ -126,3 +126,53 @@ def test_the_rate_harness_counts_aborts_by_cause():
     assert (s["runs"], s["aborts"], s["capture_aborts"], s["ok"], s["other_failures"]) == (4, 2, 1, 1, 1)
     assert s["signals"] == {"6": 1, "8": 1} and s["other_abort_messages"] == {"(no stderr)": 1}
     json.dumps(results)
+
+
+# ---------------------------------------------------------------- mlx.cuda_capture_gate (default on CUDA)
+# The abort needs a GPU (rates: benchmarks/cuda_capture/); here the gate's wiring on the CPU backend
+# reported as CUDA: threads generate the reference text through it, a thread's end excludes encoding
+# until its OS thread is gone, and uninstall gives MLX's own functions back.
+
+GATE = """
+    import json, threading, time
+    {prelude}
+    import mlx_threadsafe
+    mlx_threadsafe.install()
+    import mlx.core as mx
+    from mlx_lm import generate, load
+    from mlx_threadsafe.patches.mlx import cuda_capture_gate
+    from mlx_threadsafe.testing import PROMPT, build_lm
+    state = str(mlx_threadsafe.status()["mlx.cuda_capture_gate"].state)
+    path = str(build_lm("qwen3"))
+    model, tokenizer = load(path)
+    reference = generate(model, tokenizer, PROMPT, max_tokens=8)
+    texts = [None] * 8
+    def work(i):
+        m, t = load(path)
+        texts[i] = generate(m, t, PROMPT, max_tokens=8)
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads: t.start()
+    for t in threads: t.join()
+    # A thread that ended leaves the gate closed to encoding until its OS thread is gone.
+    gate = cuda_capture_gate._gate
+    gate.enter_exclusive(); gate.leave_exclusive(ending_native_id=threading.get_native_id())
+    closed = gate._still_ending()
+    gate._ending.clear()
+    mx.clear_cache()
+    wrapped = hasattr(mx.async_eval, "__wrapped__")
+    mlx_threadsafe.uninstall()
+    print(json.dumps([state, texts == [reference] * 8, closed, wrapped, hasattr(mx.async_eval, "__wrapped__")]))
+"""
+
+
+def test_capture_gate_serves_threads_the_reference_text_and_closes_while_a_thread_ends():
+    state, all_equal, closed, wrapped, still_wrapped = run_json(GATE.format(prelude=AS_CUDA), timeout=300)
+    assert state == "applied" and all_equal and closed and wrapped and not still_wrapped
+
+
+def test_capture_gate_is_skipped_on_the_cpu_backend():
+    code = "import json, mlx_threadsafe; mlx_threadsafe.install(); import mlx.core as mx; " \
+           "r = mlx_threadsafe.status()['mlx.cuda_capture_gate']; print(json.dumps([str(r.state), r.reason, " \
+           "hasattr(mx.async_eval, '__wrapped__')]))"
+    state, reason, wrapped = run_json(code)
+    assert state == "skipped" and "cuda" in reason.lower() and not wrapped

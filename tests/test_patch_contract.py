@@ -35,13 +35,15 @@ PATCH_ENVIRONMENTS = {
     "mlx_vlm.BatchGenerator.close_guard": ("mlx-vlm==0.7.10", "0.32.4"),
     "mlx_vlm.generate_step.request_state": ("mlx-vlm==0.7.10", "0.32.4"),
     "mlx_vlm.server.stop_at_exit": ("mlx-vlm==0.7.10", "0.32.4"),
-    # CUDA only, opt-in: this environment with the backend reported as CUDA and the opt-in set.
+    # CUDA only: this environment with the backend reported as CUDA (and the opt-in set).
+    "mlx.cuda_capture_gate": "as-cuda",
     "mlx.cuda_graph_capture": "as-cuda-opted-in",
 }
 AS_CUDA_OPTED_IN = AS_CUDA + """
     import os
     os.environ["MLX_THREADSAFE_CUDA_GRAPHS"] = "off"
 """
+PRELUDES = {"as-cuda": AS_CUDA, "as-cuda-opted-in": AS_CUDA_OPTED_IN}
 
 ORDERINGS = {
     "install_then_import": ["install", "import"],
@@ -86,7 +88,7 @@ CONTRACT = """
 
 def _python(patch_id: str):
     environment = PATCH_ENVIRONMENTS[patch_id]
-    if environment is None or environment == "as-cuda-opted-in":
+    if environment is None or environment in PRELUDES:
         return None
     requirement, mlx = environment
     extra = () if requirement.startswith("mlx-vlm") else ("mlx-lm",)
@@ -127,7 +129,7 @@ def _contract_params():
 @pytest.mark.parametrize("patch_id,ordering", list(_contract_params()))
 def test_patch_keeps_the_contract(patch_id, ordering):
     python = _python(patch_id)
-    prelude = AS_CUDA_OPTED_IN if PATCH_ENVIRONMENTS[patch_id] == "as-cuda-opted-in" else ""
+    prelude = PRELUDES.get(PATCH_ENVIRONMENTS[patch_id], "")
     code = CONTRACT.format(prelude=prelude, patch_id=patch_id, steps=ORDERINGS[ordering])
     kwargs = {"python": python} if python else {}
     state, reason, replaced, in_place, not_restored, counts, left, final = run_json(code, **kwargs)

@@ -39,7 +39,8 @@ CAPTURE_ERROR = "cudaStreamEndCapture"
 # name -> (shim?, extra environment, child flags)
 CONFIGS: Dict[str, Any] = {
     "no_shim": (False, {}, []),
-    "shim": (True, {}, []),  # the shim as installed by default: mlx.cuda_graph_capture is opt-in, graphs stay on
+    "shim": (True, {}, []),  # the shim as installed by default: graphs on, mlx.cuda_capture_gate on
+    "shim_no_gate": (True, {"MLX_THREADSAFE_DISABLE": "mlx.cuda_capture_gate"}, []),
     "shim_graphs_off": (True, {"MLX_THREADSAFE_CUDA_GRAPHS": "off"}, []),  # the opt-in fix
     # diagnostics
     "no_shim_graphs_off": (False, {"MLX_USE_CUDA_GRAPHS": "0"}, []),
@@ -94,8 +95,9 @@ def child(args) -> None:
     if args.shim:
         import mlx_threadsafe
 
-        row = mlx_threadsafe.status()["mlx.cuda_graph_capture"]
-        status = f"{row.state}: {row.reason}"
+        rows = mlx_threadsafe.status()
+        status = {name: f"{rows[name].state}: {rows[name].reason}"
+                  for name in ("mlx.cuda_graph_capture", "mlx.cuda_capture_gate") if name in rows}
     print(json.dumps({"texts": texts, "seconds": time.perf_counter() - start,
                       "MLX_USE_CUDA_GRAPHS": os.environ.get("MLX_USE_CUDA_GRAPHS"), "patch": status}), flush=True)
 
@@ -253,11 +255,11 @@ def cost(args) -> None:
     models = {"tiny": _model_dir("qwen3"), "wide": _wide_dir()}
     order = "UPPU" * args.pairs
     out = Path(args.out)
-    results: Dict[str, Any] = {"order": order, "processes": []}
+    results: Dict[str, Any] = {"order": order, "patched": args.patched, "processes": []}
     for side in order:
         command = [sys.executable, "-m", "benchmarks.cuda_capture.run", "measure",
                    "--tiny", models["tiny"], "--wide", models["wide"]] + (["--shim"] if side == "P" else [])
-        extra = {"MLX_THREADSAFE_CUDA_GRAPHS": "off"} if side == "P" else {}
+        extra = {"MLX_THREADSAFE_CUDA_GRAPHS": "off"} if side == "P" and args.patched == "graphs_off" else {}
         proc = subprocess.run(command, capture_output=True, text=True, env=_child_env(extra), timeout=300)
         record: Dict[str, Any] = {"side": side, "rc": proc.returncode}
         for line in proc.stdout.splitlines():
@@ -338,6 +340,8 @@ def main(argv=None) -> None:
     k = sub.add_parser("cost")
     k.add_argument("--out", required=True)
     k.add_argument("--pairs", type=int, default=2, help="UPPU blocks")
+    k.add_argument("--patched", choices=("default", "graphs_off"), default="default",
+                   help="P: the shim as installed by default, or with MLX_THREADSAFE_CUDA_GRAPHS=off")
     args = parser.parse_args(argv)
     if args.command == "measure":
         args.models = {"tiny": args.tiny, "wide": args.wide}

@@ -11,6 +11,7 @@ from graphlib import TopologicalSorter
 
 from .mlx import (
     compile_random_state,
+    cuda_capture_gate,
     cuda_graph_capture,
     distributed_one_thread,
     module_streams,
@@ -38,6 +39,7 @@ _LISTED = [
     module_streams.PATCH,
     distributed_one_thread.PATCH,
     cuda_graph_capture.PATCH,
+    cuda_capture_gate.PATCH,
     lm_generation_stream.PATCH,
     lm_load_materialize.PATCH,
     tokenizer_wrapper_detokenizer.PATCH,

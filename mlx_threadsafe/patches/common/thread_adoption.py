@@ -34,11 +34,13 @@ class Use(NamedTuple):
 
     cleanup: bool = False  # adopted threads release their streams as they end; the exit waits for them
     seed: bool = False  # adopted threads get their own random key
+    before_eval: Optional[Callable[[tuple], None]] = None  # runs on the thread with each mx.eval's arguments
     after_eval: Optional[Callable[[], None]] = None  # runs on the thread after each of its mx.eval returns
 
 
 _originals = Originals()
 _uses: Dict[str, Use] = {}
+_before_eval: Tuple[Callable[[tuple], None], ...] = ()
 _after_eval: Tuple[Callable[[], None], ...] = ()
 
 
@@ -59,6 +61,8 @@ def _record_new_stream(wrapped, instance, args, kwargs):
 
 
 def adopt_then_eval(wrapped, instance, args, kwargs):
+    for step in _before_eval:
+        step(args)
     result = adopt_then_call(wrapped, instance, args, kwargs)
     for step in _after_eval:
         step()
@@ -96,9 +100,10 @@ def release(user: str) -> None:
 
 
 def _refresh() -> None:
-    global _after_eval
+    global _before_eval, _after_eval
     uses = list(_uses.values())
     streams.configure(cleanup=any(use.cleanup for use in uses), seed=any(use.seed for use in uses))
+    _before_eval = tuple(use.before_eval for use in uses if use.before_eval is not None)
     _after_eval = tuple(use.after_eval for use in uses if use.after_eval is not None)
 
 

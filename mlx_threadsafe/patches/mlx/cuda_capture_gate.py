@@ -1,0 +1,142 @@
+"""mlx.cuda_capture_gate: no thread creates or tears down its CUDA state while another captures.
+
+On CUDA, MLX records cuBLAS matmuls into its graphs by stream capture while it encodes a
+graph. A device-wide call made meanwhile by another thread (the cuBLAS handle a thread
+makes at its first matmul, the streams and handles it destroys as it ends) invalidates
+the capture, and MLX aborts (``cudaStreamEndCapture ... failed``). The gate lets encoding
+run on any number of threads at once and keeps those calls apart from it:
+
+- ``mx.eval`` / ``mx.async_eval`` encode inside the gate, shared (``mx.eval`` then waits
+  for its results outside it, so no thread holds the gate while it waits on the GPU);
+- a thread's first evaluation is exclusive, after a small matmul that makes its handles;
+- a thread's end is exclusive: it releases its streams, and no one encodes again until
+  its OS thread, with its C++ ``thread_local`` destructors, is gone;
+- ``mx.clear_cache`` (which frees device memory) is exclusive.
+"""
+
+import os
+import threading
+from types import ModuleType
+from typing import Any
+
+import wrapt
+
+from ... import streams
+from ..common.thread_adoption import AdoptionLayerPatch, Use
+
+_TASKS = "/proc/self/task"
+
+
+class Gate:
+    """A reader/writer gate whose exclusive side outlasts the thread that took it (until its OS thread ends)."""
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition(threading.Lock())
+        self._shared = 0
+        self._exclusive = False
+        self._waiting_exclusive = 0
+        self._ending: set = set()  # native ids of ended threads whose OS thread may still run destructors
+
+    def enter_shared(self) -> None:
+        with self._condition:
+            while self._exclusive or self._waiting_exclusive or (self._ending and self._still_ending()):
+                self._condition.wait(0.0005 if self._ending else None)
+            self._shared += 1
+
+    def leave_shared(self) -> None:
+        with self._condition:
+            self._shared -= 1
+            if not self._shared:
+                self._condition.notify_all()
+
+    def enter_exclusive(self) -> None:
+        with self._condition:
+            self._waiting_exclusive += 1
+            while self._exclusive or self._shared or (self._ending and self._still_ending()):
+                self._condition.wait(0.0005 if self._ending else None)
+            self._waiting_exclusive -= 1
+            self._exclusive = True
+
+    def leave_exclusive(self, ending_native_id: "int | None" = None) -> None:
+        with self._condition:
+            if ending_native_id is not None and os.path.isdir(_TASKS):
+                self._ending.add(ending_native_id)
+            self._exclusive = False
+            self._condition.notify_all()
+
+    def _still_ending(self) -> bool:
+        self._ending = {tid for tid in self._ending if os.path.exists(f"{_TASKS}/{tid}")}
+        return bool(self._ending)
+
+
+_gate = Gate()
+_local = threading.local()
+_original_async_eval: Any = None  # mx.async_eval as MLX made it, while the patch is on
+
+
+def _end_exclusively() -> None:
+    _gate.enter_exclusive()
+    try:
+        streams.release_thread_streams()
+    finally:
+        _gate.leave_exclusive(threading.get_native_id())
+
+
+def _first_use() -> None:
+    import mlx.core as mx
+
+    _local.seen = True
+    streams.at_thread_end(_end_exclusively)
+    _gate.enter_exclusive()
+    try:
+        warm = mx.ones((16, 16))
+        _original_async_eval(warm @ warm)  # the thread's cuBLAS handles, made while no one captures
+    finally:
+        _gate.leave_exclusive()
+
+
+def _encode(args: tuple) -> None:
+    if getattr(_local, "inside", False):  # an evaluation re-entered from Python code it ran
+        return _original_async_eval(*args)
+    if not getattr(_local, "seen", False):
+        _first_use()
+    _gate.enter_shared()
+    _local.inside = True
+    try:
+        return _original_async_eval(*args)
+    finally:
+        _local.inside = False
+        _gate.leave_shared()
+
+
+def _gated_async_eval(wrapped, instance, args, kwargs):
+    return _encode(args)
+
+
+def _exclusive(wrapped, instance, args, kwargs):
+    _gate.enter_exclusive()
+    try:
+        return wrapped(*args, **kwargs)
+    finally:
+        _gate.leave_exclusive()
+
+
+class CudaCaptureGatePatch(AdoptionLayerPatch):
+    # mx.eval encodes inside the gate (the layer's before_eval), then waits for its results outside it.
+    use = Use(cleanup=True, before_eval=_encode)
+
+    def _apply_with_layer(self, mlx_core: ModuleType) -> None:
+        global _original_async_eval
+        _original_async_eval = mlx_core.async_eval
+        self.originals.set_attribute(mlx_core, "async_eval", wrapt.FunctionWrapper(mlx_core.async_eval,
+                                                                                   _gated_async_eval))
+        if hasattr(mlx_core, "clear_cache"):
+            self.originals.set_attribute(mlx_core, "clear_cache", wrapt.FunctionWrapper(mlx_core.clear_cache,
+                                                                                        _exclusive))
+
+
+# Evidence: mlx-cuda-13 0.32.4 on an H200 (benchmarks/cuda_capture/RESULTS.md).
+PATCH = CudaCaptureGatePatch(id="mlx.cuda_capture_gate", package="mlx", trigger="mlx.core",
+                             target="mlx.core.async_eval",
+                             description="CUDA encoding shared, a thread's first use and end exclusive",
+                             backends=["cuda"])
