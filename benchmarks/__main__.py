@@ -15,8 +15,10 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from typing import Any, Dict, List, Optional
+
+from harness.evidence import machine, read_json, today, write_json, write_text
+from harness.markdown import table
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
@@ -93,7 +95,7 @@ def run(device: str, smoke: bool, only=None) -> Dict[str, Any]:
         print("streams: " + ", ".join(f"{case} x{row['ratio']:.2f}" for case, row in
                                       results["streams"]["cases"].items() if row["ratio"]), flush=True)
     # Sections may be re-measured apart (--only), on another machine: each names its own.
-    where = f"{_device_name(device)}, {time.strftime('%Y-%m-%d')}"
+    where = f"{_device_name(device)}, {today()}"
     results["measured_on"] = {section: where for section in sections}
     return results
 
@@ -147,13 +149,9 @@ def _batch_over_threads(shared: Dict[str, Any], n: int) -> float:
 
 
 def _environment() -> Dict[str, Any]:
-    import platform
-
     from mlx_threadsafe import versions
 
-    env = versions.detect()
-    return {"describe": env.describe(), "python": platform.python_version(), "machine": platform.machine(),
-            "cpus": os.cpu_count()}
+    return machine(describe=versions.detect().describe())
 
 
 # ------------------------------------------------------------------ report
@@ -226,7 +224,7 @@ def _ratio_rows(results: Dict[str, Any]) -> List[str]:
 
 def _concurrency_table(results: Dict[str, Any]) -> List[str]:
     c = results["concurrency"]
-    lines = ["| K | mode | tokens/s | vs serial | request latency p50 | max |", "|---|---|---|---|---|---|"]
+    lines = table(["K", "mode", "tokens/s", "vs serial", "request latency p50", "max"])
     for k in (1, 2, 4):
         serial = c[f"serial/K={k}"]["tokens_per_s"]
         for mode in ("serial", "raw_threads", "global_lock", "workers"):
@@ -315,8 +313,7 @@ def _shared_model_table(shared: Dict[str, Any]) -> List[str]:
              f"{shared['tokens']} tokens each)", "", f"Measured on {_on(shared)}. The shim installed for every mode; "
              "latency is from the burst's start (every request arrives at once) to the request's last token; "
              "outputs compared with one request at a time, temperature 0.", "",
-             "| N | mode | tokens/s | vs serial | latency p50 | max | outputs equal to serial |",
-             "|---|---|---|---|---|---|---|"]
+             *table(["N", "mode", "tokens/s", "vs serial", "latency p50", "max", "outputs equal to serial"])]
     plain = shared.get("batch_without_shim")
     if plain:
         counts = {int(key[2:]): count for key, count in plain["equal_to_serial"].items()}
@@ -348,8 +345,9 @@ def _thread_churn_table(churn: Dict[str, Any]) -> List[str]:
              f"threads and after {churn['threads']} more, one at a time, each gone before the next; median of "
              f"{runs} process{'es' if runs > 1 else ''} per side, the sides interleaved. Time: start, join "
              "and the OS thread gone, per thread.", "",
-             "| each thread runs | without the shim, KB per thread | with the shim | µs per thread, without / with "
-             "| failed threads (without / with) | model of the generate threads |", "|---|---|---|---|---|---|"]
+             *table(["each thread runs", "without the shim, KB per thread", "with the shim",
+                     "µs per thread, without / with", "failed threads (without / with)",
+                     "model of the generate threads"])]
     for kind in _churn_kinds(churn):
         without, with_ = churn["without_shim"][kind], churn["with_shim"][kind]
         model = (f"{without.get('model', '')} / {with_.get('model', '')}" if kind == "generate" else "")
@@ -366,8 +364,8 @@ def _handover_table(handover: Dict[str, Any]) -> List[str]:
              f"Measured on {_on(first)}. Built on the main thread; driven there (direct), or from another thread, "
              "which moves it to a dedicated Worker: each next() hops there and back and its responses are evaluated "
              "on the worker. One process, the two alternated; the first next() (prompt, and the move) apart.", "",
-             "| model | direct, µs per next() | from another thread | ratio | added µs | first next(), direct / moved "
-             "| outputs equal |", "|---|---|---|---|---|---|---|"]
+             *table(["model", "direct, µs per next()", "from another thread", "ratio", "added µs",
+                     "first next(), direct / moved", "outputs equal"])]
     for model, hand in handover.items():
         direct, worker = hand["direct"], hand["worker"]
         lines.append(f"| {model} | {direct['us_per_next']:.0f} | {worker['us_per_next']:.0f} | {hand['ratio']:.3f} | "
@@ -386,7 +384,7 @@ def _streams_table(section: Dict[str, Any]) -> List[str]:
     lines = [f"### {_TITLES['streams']}", "",
              f"Measured on {_on(section)}. µs per call, {section['calls_per_sample']} calls a sample, "
              f"{section['samples_per_side']} samples a side, the rule off and on alternated in one process (ABBA).",
-             "", "| call | rule off, µs | rule on, µs | ratio |", "|---|---|---|---|"]
+             "", *table(["call", "rule off, µs", "rule on, µs", "ratio"])]
     for case, row in section["cases"].items():
         off = f"{row['off_us']:.2f}" if row["off_us"] is not None else row.get("note", "-")
         ratio = f"{row['ratio']:.2f}" if row["ratio"] is not None else "-"
@@ -410,9 +408,9 @@ def _device_text(device: str, results: Dict[str, Any], plot: Optional[str]) -> s
              f"### Concurrency ({results['concurrency_model']} model)", "", *_concurrency_table(results), ""]
     if plot:
         lines += [f"![concurrency on {device}]({plot})", ""]
-    for name, table in (("shared_model", _shared_model_table), ("thread_churn", _thread_churn_table),
-                        ("handover", _handover_table), ("streams", _streams_table)):
-        lines += [*table(results[name]), ""] if results.get(name) else _not_measured(name, device)
+    for name, section_table in (("shared_model", _shared_model_table), ("thread_churn", _thread_churn_table),
+                                ("handover", _handover_table), ("streams", _streams_table)):
+        lines += [*section_table(results[name]), ""] if results.get(name) else _not_measured(name, device)
     return "\n".join(lines)
 
 
@@ -431,8 +429,7 @@ def report() -> str:
         if not os.path.exists(path):
             sections.append(f"## {device.upper()}\n\nNot measured yet (`python -m benchmarks --device {device}`).\n")
             continue
-        with open(path) as source:
-            results = json.load(source)
+        results = read_json(path)
         plot = f"concurrency-{device}.png"
         _plot(results, os.path.join(HERE, plot))
         sections.append(_device_text(device, results, plot))
@@ -440,8 +437,7 @@ def report() -> str:
                       "Generated by `python -m benchmarks --report` from the committed results; each ratio is "
                       "measured in one run (patched and unpatched processes interleaved).", "",
                       open(os.path.join(HERE, "NOTES.md")).read().strip(), "", *sections])
-    with open(os.path.join(HERE, "REPORT.md"), "w") as out:
-        out.write(text)
+    write_text(os.path.join(HERE, "REPORT.md"), text)
     return text
 
 
@@ -490,16 +486,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         check_smoke(results, render=not args.only)
     out = args.out or (os.path.join(RESULTS, f"{args.device}.json") if not args.smoke else None)
     if out and args.only and os.path.exists(out):
-        with open(out) as previous:
-            # The machine described is the one of the full run; a section re-measured keeps it.
-            merged = json.load(previous)
-            measured_on = dict(merged.get("measured_on", {}), **results.pop("measured_on"))
-            results = dict(merged, **{k: v for k, v in results.items() if k != "environment"},
-                           measured_on=measured_on)
+        # The machine described is the one of the full run; a section re-measured keeps it.
+        merged = read_json(out)
+        measured_on = dict(merged.get("measured_on", {}), **results.pop("measured_on"))
+        results = dict(merged, **{k: v for k, v in results.items() if k != "environment"},
+                       measured_on=measured_on)
     if out:
-        os.makedirs(os.path.dirname(out), exist_ok=True)
-        with open(out, "w") as sink:
-            json.dump(results, sink, indent=1)
+        write_json(out, results)
         print(f"wrote {out}")
     else:
         print(json.dumps(results, indent=1))

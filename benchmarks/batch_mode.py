@@ -48,7 +48,9 @@ def batch_mode(path: str, smoke: bool, device: str, tiny: bool) -> Dict[str, Any
     import mlx_threadsafe
     from mlx_threadsafe import batching
 
-    from .measure import _batched_requests, _load, request_prompt
+    from .measure import batched_requests as _batched_requests
+    from .measure import load_lm as _load
+    from .measure import request_prompt
 
     model, tokenizer = _load(path)
     tokenizer.eos_token_ids = set()  # exactly `tokens` per request on every side

@@ -42,7 +42,7 @@ def model_dir(name: str, device: str) -> str:
     return str(build_lm_from_config(f"bench-{name}", MODELS[name], dtype="bfloat16" if device == "gpu" else None))
 
 
-def _load(path: str):
+def load_lm(path: str):
     from mlx_lm import load
 
     return load(path)
@@ -66,7 +66,7 @@ def generation(path: str, smoke: bool, device: str, tiny: bool = False) -> Dict[
     """
     import mlx_threadsafe
 
-    model, _ = _load(path)
+    model, _ = load_lm(path)
     # About 0.3 s a repetition or more: the tiny model on the CPU (0.7 ms a token) gets 512
     # tokens, or scheduler noise on 2 cores spreads the pairs by several percent.
     tokens, rounds = (16, 2) if smoke else (256 if device == "gpu" else 512 if tiny else 128, 32)
@@ -231,7 +231,7 @@ def materialize_cost(path: str) -> Dict[str, Any]:
     loads, costs = [], []
     for _ in range(3):
         start = time.perf_counter()
-        model, _ = _load(path)
+        model, _ = load_lm(path)
         loads.append(time.perf_counter() - start)
         start = time.perf_counter()
         count = materialize(model)
@@ -270,7 +270,7 @@ def _concurrent_run(path: str, k: int, mode: str, tokens: int, requests: int) ->
         from mlx_threadsafe import Worker
 
         workers = [Worker(name=f"model-{i}") for i in range(k)]
-        models = [w.call(lambda: _load(path)[0]) for w in workers]  # each model loaded on its owner
+        models = [w.call(lambda: load_lm(path)[0]) for w in workers]  # each model loaded on its owner
         for w, m in zip(workers, models):
             w.call(_decode, m, 4)
         start = time.perf_counter()
@@ -281,7 +281,7 @@ def _concurrent_run(path: str, k: int, mode: str, tokens: int, requests: int) ->
         for w in workers:
             w.close()
     else:
-        models = [_load(path)[0] for _ in range(k)]
+        models = [load_lm(path)[0] for _ in range(k)]
         for m in models:
             _decode(m, 4)
         start = time.perf_counter()
@@ -309,18 +309,16 @@ def measured_on(device: str) -> Dict[str, Any]:
     Stored with each section that may be re-measured alone (``--only``) on another machine
     than the full run's, so the report can name the device of every figure.
     """
-    import platform
-
     import mlx.core as mx
 
+    from harness.evidence import machine
     from mlx_threadsafe import versions
 
     try:
         name = str(mx.device_info(mx.gpu if device == "gpu" else mx.cpu).get("device_name", ""))
     except Exception:  # noqa: BLE001 - an mlx without device_info
         name = ""
-    return {"device_name": name or device, "describe": versions.detect().describe(),
-            "python": platform.python_version(), "cpus": os.cpu_count()}
+    return machine(device_name=name or device, describe=versions.detect().describe())
 
 
 # ------------------------------------------------------------------ one model shared: threads or a batch
@@ -385,7 +383,7 @@ def _next_responses(generator) -> tuple:
     return tuple(result) if isinstance(result, tuple) else ([], result)
 
 
-def _batched_requests(model, prompts: List[List[int]], tokens: int) -> Dict[str, Any]:
+def batched_requests(model, prompts: List[List[int]], tokens: int) -> Dict[str, Any]:
     """One BatchGenerator holding every request, driven by this thread (built before the clock starts)."""
     from mlx_lm.generate import BatchGenerator
 
@@ -407,7 +405,7 @@ def _batched_requests(model, prompts: List[List[int]], tokens: int) -> Dict[str,
             "errors": []}
 
 
-_SHARED_MODES = {"serial": _serial_requests, "threads": _threaded_requests, "batch": _batched_requests}
+_SHARED_MODES = {"serial": _serial_requests, "threads": _threaded_requests, "batch": batched_requests}
 
 
 def _shared_model_tokens(smoke: bool, device: str) -> int:
@@ -426,9 +424,9 @@ def shared_model(path: str, smoke: bool, device: str) -> Dict[str, Any]:
     ns = (1, 2) if smoke else (1, 2, 4, 8)
     tokens = _shared_model_tokens(smoke, device)
     rounds = 1 if smoke else 2
-    model, _ = _load(path)
+    model, _ = load_lm(path)
     prompts = [request_prompt(i) for i in range(max(ns))]
-    _batched_requests(model, prompts[:2], 2)  # warm-up: compile caches, allocator
+    batched_requests(model, prompts[:2], 2)  # warm-up: compile caches, allocator
     _threaded_requests(model, prompts[:2], 2)
     reference = _serial_requests(model, prompts, tokens)["outputs"]
     runs: Dict[str, List[Dict[str, Any]]] = {}
@@ -465,12 +463,12 @@ def batch_equality(path: str, smoke: bool, device: str) -> Dict[str, Any]:
     """
     ns = (2,) if smoke else (4, 8)
     tokens = _shared_model_tokens(smoke, device)
-    model, _ = _load(path)
+    model, _ = load_lm(path)
     prompts = [request_prompt(i) for i in range(max(ns))]
     reference = _serial_requests(model, prompts, tokens)["outputs"]
     equal = {}
     for n in ns:
-        outputs = _batched_requests(model, prompts[:n], tokens)["outputs"]
+        outputs = batched_requests(model, prompts[:n], tokens)["outputs"]
         equal[f"N={n}"] = sum(got == want for got, want in zip(outputs, reference))
     return {"tokens": tokens, "equal_to_serial": equal}
 
@@ -493,7 +491,7 @@ def handover(path: str, smoke: bool) -> Dict[str, Any]:
 
     sequences = 4
     tokens, rounds = (8, 2) if smoke else (64, 8)
-    model, _ = _load(path)
+    model, _ = load_lm(path)
     prompts = [request_prompt(i) for i in range(sequences)]
 
     def drive(generator, box: Dict[str, Any]) -> None:
@@ -588,7 +586,7 @@ def thread_churn(path: str, smoke: bool, own_model: bool) -> Dict[str, Any]:
     from mlx_lm import generate
 
     warm, count = (20, 10) if smoke else (20, 200)
-    model, tokenizer = _load(path)
+    model, tokenizer = load_lm(path)
     _decode(model, 4)
     mode = {"model": "loaded per thread" if own_model else "shared", "probe_error": None}
 
@@ -599,7 +597,7 @@ def thread_churn(path: str, smoke: bool, own_model: bool) -> Dict[str, Any]:
         mx.eval(mx.ones((16, 16)) @ mx.ones((16, 16)))
 
     def run_generate() -> None:
-        m, t = _load(path) if mode["model"] != "shared" else (model, tokenizer)
+        m, t = load_lm(path) if mode["model"] != "shared" else (model, tokenizer)
         generate(m, t, prompt=PROMPT, max_tokens=4)
 
     def run(body, threads: int, errors: List[str]) -> float:

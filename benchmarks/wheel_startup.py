@@ -25,7 +25,6 @@ import argparse
 import glob
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -34,6 +33,9 @@ import tempfile
 import time
 from importlib import metadata
 from typing import Any, Dict, List, Optional, Sequence
+
+from harness.evidence import machine, today, write_json
+from harness.venvs import uv
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -76,22 +78,18 @@ def _env(**changes: str) -> Dict[str, str]:
     return dict({k: v for k, v in os.environ.items() if k not in drop}, **changes)
 
 
-def _uv() -> str:
-    return shutil.which("uv") or os.path.join(os.path.dirname(sys.executable), "uv")
-
-
 def build(out_dir: str) -> str:
     """The sdist, then the wheel built from it (what `python -m build` does); returns the wheel."""
-    subprocess.run([_uv(), "build", "-q", "--out-dir", out_dir, ROOT], check=True)
+    subprocess.run([uv(), "build", "-q", "--out-dir", out_dir, ROOT], check=True)
     return glob.glob(os.path.join(out_dir, "*.whl"))[0]
 
 
 def make_venv(wheel: str, where: str) -> str:
     python = os.path.join(where, "bin", "python")
-    subprocess.run([_uv(), "venv", "-q", "-p", sys.executable, where], check=True)
+    subprocess.run([uv(), "venv", "-q", "-p", sys.executable, where], check=True)
     mlx = f"mlx[cpu]=={metadata.version('mlx')}" if _has("mlx") else "mlx[cpu]"
     mlx_lm = f"mlx-lm=={metadata.version('mlx-lm')}" if _has("mlx-lm") else "mlx-lm"
-    subprocess.run([_uv(), "pip", "install", "-q", "--compile-bytecode", "-p", python, wheel, mlx, mlx_lm],
+    subprocess.run([uv(), "pip", "install", "-q", "--compile-bytecode", "-p", python, wheel, mlx, mlx_lm],
                    check=True, env=_env())
     return python
 
@@ -165,11 +163,10 @@ def measure(python: str, pairs: int, samples: int) -> Dict[str, Any]:
         shutil.rmtree(cwd, ignore_errors=True)
 
 
-def machine() -> Dict[str, Any]:
-    return {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count(),
-            "mlx": metadata.version("mlx") if _has("mlx") else None,
-            "mlx-lm": metadata.version("mlx-lm") if _has("mlx-lm") else None,
-            "load_average_1min": os.getloadavg()[0], "date": time.strftime("%Y-%m-%d")}
+def measured_on() -> Dict[str, Any]:
+    return machine(**{"mlx": metadata.version("mlx") if _has("mlx") else None,
+                      "mlx-lm": metadata.version("mlx-lm") if _has("mlx-lm") else None,
+                      "load_average_1min": os.getloadavg()[0], "date": today()})
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -188,14 +185,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if not os.path.exists(python):
             wheel = args.wheel or build(os.path.join(scratch, "dist"))
             make_venv(os.path.abspath(wheel), venv)
-        result = {"measured_on": machine(), "wheel": os.path.basename(wheel), "targets": TARGETS,
+        result = {"measured_on": measured_on(), "wheel": os.path.basename(wheel), "targets": TARGETS,
                   **measure(python, args.pairs, args.samples)}
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as out:
-        json.dump(result, out, indent=1)
-        out.write("\n")
+    write_json(args.out, result)
     print(json.dumps(result, indent=1))
     met = (result["pass_added_ms"] <= TARGETS["pass_added_ms"]
            and max(result["install_first_total_ms"], result["install_after_ms"]) <= TARGETS["shim_part_ms"])

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
-import re
 import shutil
 from typing import Any, Dict, List, Optional, Tuple
+
+from harness.evidence import write_text
+from harness.markdown import cell, row, table, write_block
 
 from .verify import HERE, RELEASES, SCENARIOS_BY_PACKAGE, backend_of, cpu_record
 
@@ -93,19 +95,19 @@ def _against_cpu(record: Dict[str, Any], cpu: Optional[Dict[str, Any]], scenario
 def _gpu_package_table(package: str, scenarios: List[str], group: List[Dict[str, Any]],
                        records: Dict[str, Dict[str, Any]]) -> List[str]:
     lines = [f"#### {package}", "",
-             "| release | mlx | installed | patches applied | "
-             + " | ".join(f"S{i + 1}" for i in range(len(scenarios))) + " | verdicts against the CPU |",
-             "|---|---|---|---|" + "---|" * len(scenarios) + "---|"]
+             *table(["release", "mlx", "installed", "patches applied", *_numbered(scenarios),
+                     "verdicts against the CPU"])]
     for record in group:
         head = f"| {record['package']} {record['release']} | {record['mlx']} | {_installed(record)} |"
         against = _against_cpu(record, cpu_record(records, record), scenarios)
         if record["state"] != "ran":
-            reason = record["reason"][:160].replace("|", "\\|")
+            reason = cell(record["reason"][:160])
             lines.append(f"{head} cannot run: {reason} |" + " |" * len(scenarios) + f" {against} |")
             continue
         cells = [CELL[record["scenarios"][name]["verdict"]] if name in record["scenarios"] else ""
                  for name in scenarios]
-        lines.append(f"{head} {', '.join(record['applied']) or 'none'} | " + " | ".join(cells) + f" | {against} |")
+        lines.append(row([f"{record['package']} {record['release']}", record["mlx"], _installed(record),
+                          ", ".join(record["applied"]) or "none", *cells, against]))
     return lines + [""]
 
 
@@ -126,21 +128,22 @@ def _not_run_reasons(records: Dict[str, Dict[str, Any]]) -> List[str]:
                 groups.setdefault((record["package"], name, result["verdict"], side["detail"][:200]), []).append(where)
     if not groups:
         return []
-    lines = ["## Cells not run, and why", "",
-             "| package | scenario | verdict | reason | releases (@mlx) |", "|---|---|---|---|---|"]
-    for (package, name, verdict_, reason), wheres in sorted(groups.items()):
-        reason = reason.replace("|", "\\|").replace("\n", " ")
-        lines.append(f"| {package} | {name} | {verdict_} | {reason} | {', '.join(wheres)} |")
-    for releases, reason in RELEASES.get("not-run", {}).items():
-        lines.append(f"| {releases.split('<')[0].split('=')[0]} | (all) | not in the matrix | {reason} | {releases} |")
-    return lines + [""]
+    rows = [[package, name, verdict_, cell(reason), ", ".join(wheres)]
+            for (package, name, verdict_, reason), wheres in sorted(groups.items())]
+    rows += [[releases.split("<")[0].split("=")[0], "(all)", "not in the matrix", reason, releases]
+             for releases, reason in RELEASES.get("not-run", {}).items()]
+    return ["## Cells not run, and why", "",
+            *table(["package", "scenario", "verdict", "reason", "releases (@mlx)"], rows), ""]
+
+
+def _numbered(scenarios: List[str]) -> List[str]:
+    return [f"S{i + 1}" for i in range(len(scenarios))]
 
 
 def _package_table(package: str, scenarios: List[str], records: List[Dict[str, Any]]) -> List[str]:
     lines = [f"## {package}", "",
              "Scenarios: " + "; ".join(f"S{i + 1} `{name}`" for i, name in enumerate(scenarios)), "",
-             "| release | mlx | patches applied | " + " | ".join(f"S{i + 1}" for i in range(len(scenarios))) + " |",
-             "|---|---|---|" + "---|" * len(scenarios)]
+             *table(["release", "mlx", "patches applied", *_numbered(scenarios)])]
     for record in records:
         head = f"| {record['package']} {record['release']} | {record['mlx']} |"
         if record["state"] != "ran":
@@ -148,7 +151,8 @@ def _package_table(package: str, scenarios: List[str], records: List[Dict[str, A
             continue
         cells = [CELL[record["scenarios"][name]["verdict"]] if name in record["scenarios"] else ""
                  for name in scenarios]
-        lines.append(f"{head} {', '.join(record['applied']) or 'none'} | " + " | ".join(cells) + " |")
+        lines.append(row([f"{record['package']} {record['release']}", record["mlx"],
+                          ", ".join(record["applied"]) or "none", *cells]))
     return lines + [""]
 
 
@@ -168,8 +172,8 @@ def gpu_summary(records: Dict[str, Dict[str, Any]]) -> List[str]:
     for (device, backend), group in groups:
         lines += ([""] if lines else []) + [
             f"On the GPU: {device}, mlx {_mlx_releases(group)} ({backend}), {GPU_RUN}:", "",
-            "| package | release | mlx | scenarios fixed by the shim | not needed | n/a | broken either way | "
-            "fail with the shim | verdicts against the CPU |", "|---|---|---|---|---|---|---|---|---|"]
+            *table(["package", "release", "mlx", "scenarios fixed by the shim", "not needed", "n/a",
+                    "broken either way", "fail with the shim", "verdicts against the CPU"])]
         for record in group:
             scenarios = SCENARIOS_BY_PACKAGE[record["package"]]
             against = _against_cpu(record, cpu_record(records, record), scenarios, by_name=True)
@@ -178,8 +182,7 @@ def gpu_summary(records: Dict[str, Dict[str, Any]]) -> List[str]:
             else:
                 verdicts = [s["verdict"] for s in record["scenarios"].values()]
                 cells = [str(verdicts.count(v)) for v in VERDICT_COLUMNS]
-            lines.append(f"| {record['package']} | {record['release']} | {record['mlx']} | "
-                         + " | ".join(cells) + f" | {against} |")
+            lines.append(row([record["package"], record["release"], record["mlx"], *cells, against]))
     return lines
 
 
@@ -189,14 +192,13 @@ def _cpu_summary(records: Dict[str, Dict[str, Any]]) -> str:
         if backend_of(record) != "cpu":
             continue
         groups.setdefault((record["package"], record["mlx"]), []).append(record)
-    lines = ["| package | mlx | releases run | cannot install | scenarios fixed by the shim | not needed | "
-             "broken either way | fail with the shim |", "|---|---|---|---|---|---|---|---|"]
+    lines = table(["package", "mlx", "releases run", "cannot install", "scenarios fixed by the shim", "not needed",
+                   "broken either way", "fail with the shim"])
     for (package, mlx), group in sorted(groups.items()):
         ran = [r for r in group if r["state"] == "ran"]
         verdicts = [s["verdict"] for r in ran for s in r["scenarios"].values()]
-        lines.append(f"| {package} | {mlx} | {len(ran)} | {len(group) - len(ran)} | "
-                     f"{verdicts.count('fixed')} | {verdicts.count('not-needed')} | {verdicts.count('broken')} | "
-                     f"{verdicts.count('FAILS')} |")
+        lines.append(row([package, mlx, str(len(ran)), str(len(group) - len(ran)),
+                          *(str(verdicts.count(v)) for v in ("fixed", "not-needed", "broken", "FAILS"))]))
     return "\n".join(lines)
 
 
@@ -211,18 +213,5 @@ def write(records: Dict[str, Dict[str, Any]], out_dir: Optional[str] = None) -> 
         os.makedirs(out_dir, exist_ok=True)
         page = os.path.join(out_dir, os.path.basename(SUMMARY_PAGE))
         shutil.copyfile(SUMMARY_PAGE, page)
-    with open(matrix, "w") as sink:
-        sink.write(full_table(records))
-    write_readme_block(MARKERS, summary(records), page)
-
-
-def write_readme_block(markers, content: str, readme: Optional[str] = None) -> None:
-    """Replace what the README holds between the two marker lines (if it has them) with `content`."""
-    readme = readme or os.path.join(ROOT, "README.md")
-    with open(readme) as source:
-        text = source.read()
-    if markers[0] in text:
-        block = f"{markers[0]}\n{content}\n{markers[1]}"
-        text = re.sub(re.escape(markers[0]) + ".*?" + re.escape(markers[1]), lambda _: block, text, flags=re.S)
-        with open(readme, "w") as sink:
-            sink.write(text)
+    write_text(matrix, full_table(records))
+    write_block(page, MARKERS, summary(records))

@@ -25,26 +25,17 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from packaging.requirements import Requirement
+from packaging.version import Version
 
+from harness.evidence import load_records, save_records
 from mlx_threadsafe import planning, versions
 from mlx_threadsafe.patches import ALL
 from mlx_threadsafe.scenarios import Outcome, run_batch
 
+from .releases import HERE, RELEASES, SCENARIO_PATCHES, SCENARIOS_BY_PACKAGE
 from .venvs import CannotInstall, release_python
 
-try:
-    import tomllib
-except ImportError:  # Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]
-
-HERE = os.path.dirname(os.path.abspath(__file__))
 EVIDENCE = os.path.join(HERE, "results", "evidence.json")
-
-with open(os.path.join(HERE, "releases.toml"), "rb") as _source:
-    RELEASES = tomllib.load(_source)
-SCENARIOS_BY_PACKAGE: Dict[str, List[str]] = {package: list(table) for package, table in RELEASES["scenarios"].items()}
-SCENARIO_PATCHES: Dict[str, List[str]] = {name: patches for table in RELEASES["scenarios"].values()
-                                          for name, patches in table.items()}
 
 
 @dataclass(frozen=True)
@@ -329,10 +320,7 @@ def summarize(record: Dict[str, Any]) -> str:
 
 def load_evidence(path: str = EVIDENCE) -> Dict[str, Dict[str, Any]]:
     """The committed evidence, each verdict judged again by the current `verdict` rule."""
-    if not os.path.exists(path):
-        return {}
-    with open(path) as source:
-        records = json.load(source)
+    records = load_records(path)
     for record in records.values():
         for result in record.get("scenarios", {}).values():
             result["verdict"] = verdict(result["without"], result["with"])
@@ -340,15 +328,10 @@ def load_evidence(path: str = EVIDENCE) -> Dict[str, Dict[str, Any]]:
 
 
 def save_evidence(records: Dict[str, Dict[str, Any]], path: str = EVIDENCE) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as sink:
-        json.dump(dict(sorted(records.items(), key=lambda item: _sort_key(item[1]))), sink, indent=1)
-        sink.write("\n")
+    save_records(path, records, order=lambda _key, record: _sort_key(record))
 
 
 def _sort_key(record: Dict[str, Any]):
-    from packaging.version import Version
-
     # CPU records first (the order they always had), then each other backend's.
     backend = backend_of(record)
     return (record["package"], Version(record["release"]), Version(record["mlx"]), backend != "cpu", backend)

@@ -14,17 +14,10 @@ tiny llama without the shim and under `mlx-threadsafe run`, and a handful of mlx
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import List, Optional
 
-if __package__ in (None, ""):  # pragma: no cover - run as a script
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)  # compat_matrix, whose venv helpers are reused
-
-from conformance import evidence, servers, upstream  # noqa: E402
+from . import evidence, servers, upstream
 
 FAST = dict(servers=["vllm-mlx"], modes=["continuous-batching"], models=["llama"], sides=["none", "run"],
             suites=[upstream.FAST_SUITE])

@@ -2,33 +2,31 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections import defaultdict
 from typing import Any, Dict, List, Tuple
 
+from harness.evidence import load_records, save_records, write_text
+from harness.markdown import cell, write_block
+from harness.markdown import table as markdown_table
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 EVIDENCE = os.path.join(HERE, "results", "evidence.json")
 RESULTS_MD = os.path.join(HERE, "RESULTS.md")
+README = os.path.join(os.path.dirname(HERE), "README.md")
 SHIM_SIDES = ("run", "env")
 
 
+ABOUT = ("python -m conformance run: third-party servers and upstream test suites, without and with "
+         "mlx_threadsafe; see conformance/README.md")
+
+
 def load(path: str = EVIDENCE) -> Dict[str, Dict[str, Any]]:
-    if not os.path.exists(path):
-        return {}
-    with open(path) as source:
-        return json.load(source)["records"]
+    return load_records(path)
 
 
 def save(records: Dict[str, Dict[str, Any]], path: str = EVIDENCE) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    scratch = path + ".tmp"
-    with open(scratch, "w") as out:
-        json.dump({"about": "python -m conformance run: third-party servers and upstream test suites, "
-                            "without and with mlx_threadsafe; see conformance/README.md",
-                   "records": dict(sorted(records.items()))}, out, indent=1, sort_keys=False)
-        out.write("\n")
-    os.replace(scratch, path)
+    save_records(path, records, about=ABOUT)
 
 
 def check(records: Dict[str, Dict[str, Any]]) -> Tuple[List[str], List[str]]:
@@ -56,10 +54,6 @@ def check(records: Dict[str, Dict[str, Any]]) -> Tuple[List[str], List[str]]:
 
 # ------------------------------------------------------------------ the table
 
-def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
-
-
 def _server_rows(records: Dict[str, Dict[str, Any]]) -> List[str]:
     from .servers import summary
 
@@ -69,7 +63,7 @@ def _server_rows(records: Dict[str, Dict[str, Any]]) -> List[str]:
             groups[(record["target"], record["version"], record["mode"], record["model"])][record["side"]] = record
     rows = []
     for (target, version, mode, model), sides in sorted(groups.items()):
-        def cell(side: str, sides: Dict[str, Dict[str, Any]] = sides) -> str:
+        def side_cell(side: str, sides: Dict[str, Dict[str, Any]] = sides) -> str:
             record = sides.get(side)
             if record is None:
                 return "not run"
@@ -86,8 +80,8 @@ def _server_rows(records: Dict[str, Dict[str, Any]]) -> List[str]:
             fails_without = f"nothing ({summary(without)})"
         else:
             fails_without = summary(without)
-        shim = "<br>".join(f"`{side}`: {cell(side)}" for side in SHIM_SIDES)
-        rows.append(f"| {target} | {version} | {mode}, {model} | {_cell(fails_without)} | {_cell(shim)} |")
+        shim = "<br>".join(f"`{side}`: {side_cell(side)}" for side in SHIM_SIDES)
+        rows.append(f"| {target} | {version} | {mode}, {model} | {cell(fails_without)} | {cell(shim)} |")
     return rows
 
 
@@ -131,10 +125,7 @@ def table(records: Dict[str, Dict[str, Any]]) -> str:
         "`mlx-threadsafe run -- CMD` (`run`) and `MLX_THREADSAFE=1 CMD` (`env`). Upstream suites: the "
         "release's own tests, offline, without and with `MLX_THREADSAFE=1`.",
         "",
-        "| server / suite | version | mode, model / selection | without the shim | with the shim |",
-        "|---|---|---|---|---|",
-        *_server_rows(records),
-        *_suite_rows(records),
+        *_results(records),
         "",
         f"`python -m conformance check`: {'passes' if not problems else f'{len(problems)} problems'}.",
     ]
@@ -159,17 +150,16 @@ README_MARKERS = ("<!-- verified-with:start -->", "<!-- verified-with:end -->")
 
 def readme_table(records: Dict[str, Dict[str, Any]]) -> str:
     """The README's "Verified with" table: the rows of RESULTS.md, without the long lists."""
-    return "\n".join([
-        "| server / suite | version | mode, model / selection | without the shim | with the shim |",
-        "|---|---|---|---|---|",
-        *_server_rows(records),
-        *_suite_rows(records),
-    ])
+    return "\n".join(_results(records))
+
+
+def _results(records: Dict[str, Dict[str, Any]]) -> List[str]:
+    """The table of every server and suite, the same in RESULTS.md and the README."""
+    return markdown_table(["server / suite", "version", "mode, model / selection", "without the shim",
+                           "with the shim"], _server_rows(records) + _suite_rows(records))
 
 
 def write_table(records: Dict[str, Dict[str, Any]], path: str = RESULTS_MD) -> None:
-    from compat_matrix.table import write_readme_block
-
-    with open(path, "w") as out:
-        out.write(table(records))
-    write_readme_block(README_MARKERS, readme_table(records))
+    """RESULTS.md, and the README's "Verified with" block."""
+    write_text(path, table(records))
+    write_block(README, README_MARKERS, readme_table(records))

@@ -41,6 +41,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from harness.evidence import today
+
 from . import venvs
 
 PORTS = range(18700, 18800)
@@ -589,7 +591,7 @@ def run(names: Optional[List[str]] = None, modes: Optional[List[str]] = None, mo
     for name in names or list(SERVERS):
         server = SERVERS[name]
         base = {"kind": "server", "target": server.name, "version": server.version, "note": server.note,
-                "when": time.strftime("%Y-%m-%d")}
+                "when": today()}
         try:
             python = venvs.target_python(server.venv, server.requirements, server.overrides, server.cpu_torch)
             installed = venvs.versions_in(python, [server.name] + server.packages)

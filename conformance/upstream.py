@@ -24,6 +24,8 @@ import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from harness.evidence import today
+
 from . import venvs
 
 SRC = os.path.join(venvs.CONFORMANCE_VENVS, "src")
@@ -161,7 +163,7 @@ def _hub(message: str) -> bool:
 def run_suite(name: str, progress: Callable[[str], None] = print) -> Dict[str, Any]:
     suite = SUITES[name]
     record: Dict[str, Any] = {"kind": "suite", "target": suite.target, "version": suite.version,
-                              "selection": " ".join(suite.selection) or "all", "when": time.strftime("%Y-%m-%d")}
+                              "selection": " ".join(suite.selection) or "all", "when": today()}
     try:
         python = venvs.target_python(suite.venv, [suite.requirement, "pytest", "pytest-timeout", "pip"],
                                      cpu_torch=suite.cpu_torch)
