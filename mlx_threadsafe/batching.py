@@ -67,6 +67,16 @@ def set_enabled(on: bool) -> None:
     _enabled = bool(on)
 
 
+def set_applied(applied: bool) -> None:
+    """Whether the stream_generate patch is applied; its apply and its revert say so.
+
+    A wrapper left in a module after uninstall() (a copy name-imported after install())
+    passes every call through while this is False, whatever `set_enabled` said.
+    """
+    global _applied
+    _applied = bool(applied)
+
+
 def enabled() -> bool:
     global _enabled
     if _enabled is None:
@@ -416,6 +426,9 @@ class _ModelBatch:
     def _loop(self) -> None:
         from mlx_lm.generate import BatchGenerator
 
+        from .errors import WorkerClosed
+        from .worker import ExitInterrupt
+
         active: Dict[int, _Request] = {}
         generator: Any = None
         try:
@@ -449,6 +462,8 @@ class _ModelBatch:
                 self._step(generator, active)
         except BaseException as error:  # noqa: BLE001 - every caller waiting on this batch gets it
             log.debug("batching: a step failed; its %d requests get the error", len(active), exc_info=True)
+            if isinstance(error, ExitInterrupt):  # the process exits while requests are in the batch
+                error = WorkerClosed("the batch's worker was stopped with requests in it: the process is exiting")
             with self.lock:
                 waiting = list(active.values()) + self.incoming
                 self.incoming, self.leaving, self.running = [], [], False

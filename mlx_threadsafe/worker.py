@@ -4,7 +4,9 @@ Move 2 of the design, on the contract of Emily.Stream's worker: the thread creat
 its stream on itself; the queue is bounded and fails fast when full; waiting can
 time out; close() cancels the backlog (callers get WorkerClosed instead of hanging)
 but lets the operation in flight finish, then releases the thread's MLX resources
-on the thread itself.
+on the thread itself. At exit an operation still in flight after a second is
+interrupted (ExitInterrupt, at its next Python line), so that no worker is inside MLX
+while the interpreter finalizes.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import logging
 import os
 import queue
 import threading
+import time
 import warnings
 import weakref
 from concurrent.futures import Future
@@ -29,6 +32,16 @@ log = logging.getLogger("mlx_threadsafe")
 DEFAULT_QUEUE_LIMIT = 8192
 _names = itertools.count()
 _STOP = object()
+# How long the exit waits for the operations in flight before interrupting them, then for them to stop.
+EXIT_GRACE_S, EXIT_STOP_S = 1.0, 10.0
+
+
+class ExitInterrupt(BaseException):
+    """Raised at exit inside a Worker's operation still in flight, so that it leaves MLX before finalization.
+
+    A BaseException, like KeyboardInterrupt: code under ``except Exception`` does not
+    swallow it. Its caller gets WorkerClosed.
+    """
 
 
 def _describe(fn: Callable) -> str:
@@ -59,6 +72,7 @@ class _Core:
         self.start_error: Optional[BaseException] = None
         self.teardown: List[Callable[[], Any]] = []
         self.thread: Optional[threading.Thread] = None
+        self.in_flight: Optional[Callable] = None  # the operation running now (read by interrupt_at_exit)
 
     def run(self) -> None:
         try:
@@ -67,22 +81,11 @@ class _Core:
             self.start_error = error
         self.started.set()
         while True:
-            item = self.queue.get()
-            if item is _STOP:
-                break
-            self.taken += 1
-            future, fn, args, kwargs = item
-            if not future.set_running_or_notify_cancel():
-                continue
             try:
-                # Evaluated here, on the thread that owns its lazy work: the caller is
-                # another thread, which could not evaluate it.
-                result = hand_over(fn(*args, **kwargs))
-            except BaseException as error:  # noqa: BLE001 - handed to the caller
-                future.set_exception(diagnostics.explain(error))
-            else:
-                future.set_result(result)
-            del item, future, fn, args, kwargs  # drop references to the work while idle
+                if not self._run_next():
+                    break
+            except ExitInterrupt:
+                pass  # interrupt_at_exit() landed between two operations: carry on to _STOP
         for step in self.teardown:
             try:
                 step()
@@ -90,6 +93,48 @@ class _Core:
                 log.exception("teardown step on worker %s failed", self.name)
         self.teardown.clear()
         streams.release_thread_streams(self.name)
+
+    def _run_next(self) -> bool:
+        """Take one item and run it; False at _STOP."""
+        item = self.queue.get()
+        if item is _STOP:
+            return False
+        self.taken += 1
+        future, fn, args, kwargs = item
+        if not future.set_running_or_notify_cancel():
+            return True
+        self.in_flight = fn
+        try:
+            # Evaluated here, on the thread that owns its lazy work: the caller is
+            # another thread, which could not evaluate it.
+            result = hand_over(fn(*args, **kwargs))
+        except ExitInterrupt:
+            future.set_exception(WorkerClosed(
+                f"worker {self.name!r} was interrupted while running {_describe(fn)}: the process is exiting"))
+        except BaseException as error:  # noqa: BLE001 - handed to the caller
+            future.set_exception(diagnostics.explain(error))
+        else:
+            future.set_result(result)
+        finally:
+            self.in_flight = None
+        return True
+
+    def interrupt_at_exit(self) -> bool:
+        """Raise ExitInterrupt in the thread's operation in flight, at its next Python line; True if sent.
+
+        For the exit only: the operation (a generation of thousands of tokens, a loop that
+        steps a batch) would otherwise still be running MLX while the interpreter
+        finalizes, and a thread that comes back from MLX then is ended inside C++ frames
+        (`terminate called without an active exception`, exit -6).
+        """
+        thread = self.thread
+        if self.in_flight is None or thread is None or thread.ident is None or not thread.is_alive():
+            return False
+        import ctypes
+
+        sent = ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(ExitInterrupt))
+        log.debug("worker %s: its operation in flight interrupted at exit", self.name)
+        return sent == 1
 
     def submit(self, fn: Callable, args, kwargs) -> Future:
         future: Future = Future()
@@ -293,12 +338,23 @@ def _stop_workers() -> None:
     # finalizes, and their C++ thread-locals would then be destroyed mid-finalization
     # (the `terminate called without an active exception` abort). Stop them first, so
     # each releases its streams on itself and exits.
+    # An operation still in flight after a short grace (Ctrl-C or SIGTERM during a long
+    # generation) is interrupted at its next Python line: the thread then cancels, tears
+    # down and exits like any other.
     cores = list(_running_cores)
     for core in cores:
         core.stop()
+    cores = [core for core in cores if core.thread is not None and core.thread is not threading.current_thread()]
+    deadline = time.monotonic() + EXIT_GRACE_S
     for core in cores:
-        if core.thread is not None and core.thread is not threading.current_thread():
-            core.thread.join(10)
+        core.thread.join(max(0.0, deadline - time.monotonic()))  # type: ignore[union-attr]
+    for core in cores:
+        core.interrupt_at_exit()
+    deadline = time.monotonic() + EXIT_STOP_S
+    for core in cores:
+        core.thread.join(max(0.0, deadline - time.monotonic()))  # type: ignore[union-attr]
+        if core.thread.is_alive():  # type: ignore[union-attr]
+            log.debug("worker %s still running at exit (an operation inside MLX)", core.name)
 
 
 exit_steps.add(exit_steps.STOP_WORKERS, _stop_workers)

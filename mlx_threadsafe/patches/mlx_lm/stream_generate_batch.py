@@ -48,14 +48,10 @@ class StreamGenerateBatchPatch(Patch):
             if (name == "mlx_lm" or name.startswith("mlx_lm.")) and other is not home \
                     and vars(other).get("stream_generate") is original:
                 self.originals.set_attribute(other, "stream_generate", wrapper)
-        batching._applied = True
-        self.originals.on_restore(_deactivate)
-
-
-def _deactivate() -> None:
-    # A copy name-imported after install() (mlx_lm.chat imported later) keeps the wrapper
-    # after uninstall(): it passes every call through from now on.
-    batching._applied = False
+        batching.set_applied(True)
+        # A copy name-imported after install() (mlx_lm.chat imported later) keeps the wrapper
+        # after uninstall(): it passes every call through from now on.
+        self.originals.on_restore(lambda: batching.set_applied(False))
 
 
 PATCH = StreamGenerateBatchPatch(id="mlx_lm.stream_generate.batch", package="mlx-lm", trigger="mlx_lm",
