@@ -11,20 +11,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import List, Optional
 
-DOCTOR_SCENARIOS = [
-    "generate_on_worker",
-    "lazy_rope_on_worker",
-    "adapter_on_worker",
-    "asyncio_to_thread",
-    "eight_threads_match_serial",
-    "threads_sample_differently",
-    "batch_generator_handoff",
-    "batch_generator_shared_by_8_threads",
-    "module_stream_on_request_thread",
-    "streams_held_anywhere_on_request_threads",
-    "batch_generator_collected_on_foreign_thread",
-]
-
 
 def _verdict(without, with_shim) -> str:
     if with_shim.ok and not without.ok:
@@ -138,12 +124,12 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         print(mlx_threadsafe.install())
         return 0
-    from .scenarios import SCENARIOS
+    from .scenarios import SCENARIOS, doctor_scenarios
 
     unknown = [s for s in args.scenario if s not in SCENARIOS]
     if unknown:
         parser.error(f"unknown scenario(s) {unknown}; known: {', '.join(SCENARIOS)}")
-    return doctor(args.scenario or DOCTOR_SCENARIOS)
+    return doctor(args.scenario or doctor_scenarios())
 
 
 if __name__ == "__main__":

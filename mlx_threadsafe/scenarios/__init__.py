@@ -13,8 +13,8 @@ both runs of a scenario get, ``runner`` runs them in fresh processes.
 """
 
 from . import batch, lm, vlm  # noqa: F401  (importing them registers their scenarios)
-from .catalogue import DESCRIPTIONS, SCENARIOS, NotApplicable, require, scenario
+from .catalogue import DESCRIPTIONS, SCENARIOS, NotApplicable, doctor_scenarios, require, scenario
 from .runner import Outcome, main, run_batch, run_in_subprocess
 
-__all__ = ["DESCRIPTIONS", "SCENARIOS", "NotApplicable", "Outcome", "main", "require", "run_batch",
-           "run_in_subprocess", "scenario"]
+__all__ = ["DESCRIPTIONS", "SCENARIOS", "NotApplicable", "Outcome", "doctor_scenarios", "main", "require",
+           "run_batch", "run_in_subprocess", "scenario"]

@@ -5,13 +5,13 @@ from __future__ import annotations
 import inspect
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Optional
 
 from ..testing import on_new_thread
 from .catalogue import NotApplicable, require, scenario
-from .fakes import _MetalLikeClose
-from .lm import _load
-from .vlm import _build_vlm
+from .fakes import MetalLikeClose
+from .lm import load_lm
+from .vlm import build_vlm_path
 
 BATCH_PROMPTS = [[1, 5, 6, 7], [1, 8, 9, 10, 11], [1, 12, 13]]
 
@@ -24,23 +24,30 @@ class BatchCase:
     make: Callable[..., Any]  # keyword arguments go to the constructor
     insert: Callable[[Any], list]
     next_kwargs: Callable[[], dict] = dict  # what each next() takes (mlx-vlm before 0.5.0)
+    wired_limit_by_hand: bool = False  # set the limit mlx-lm's __init__ sets on Metal (the CPU build skips it)
 
 
-def _lm_batch_case() -> BatchCase:
-    BatchGenerator = require("mlx_lm.generate", "BatchGenerator")
-    model, _ = _load("llama")
+def _batch_generator(module: str, takes_stream: bool):
+    """The release's BatchGenerator; NotApplicable (before any model loads) if it must take stream= and does not."""
+    cls = require(module, "BatchGenerator")
+    if takes_stream and "stream" not in inspect.signature(cls).parameters:
+        raise NotApplicable("this BatchGenerator takes no stream= (no close() sync to guard)")
+    return cls
+
+
+def _lm_batch_case(takes_stream: bool = False) -> BatchCase:
+    BatchGenerator = _batch_generator("mlx_lm.generate", takes_stream)
+    model, _ = load_lm("llama")
     return BatchCase(BatchGenerator, lambda **kwargs: BatchGenerator(model, max_tokens=8, **kwargs),
-                     lambda generator: generator.insert(BATCH_PROMPTS))
+                     lambda generator: generator.insert(BATCH_PROMPTS), wired_limit_by_hand=True)
 
 
-def _vlm_batch_case() -> BatchCase:
-    import inspect
-
+def _vlm_batch_case(takes_stream: bool = False) -> BatchCase:
+    BatchGenerator = _batch_generator("mlx_vlm.generate", takes_stream)
     import mlx.core as mx
     from mlx_vlm import load
 
-    BatchGenerator = require("mlx_vlm.generate", "BatchGenerator")
-    model, processor = load(_build_vlm("gemma3"))
+    model, processor = load(build_vlm_path("gemma3"))
 
     def make(**kwargs):
         return BatchGenerator(model.language_model, processor, max_tokens=8, **kwargs)
@@ -98,7 +105,15 @@ def _one_thread_tokens(case: BatchCase, remove_first: bool = False):
     return tokens
 
 
-def _handoff(case: BatchCase) -> str:
+def _same_tokens(got, expected, who: str, reference: str = "one thread") -> str:
+    """Raise unless `who` generated what `reference` did; else the detail that says so."""
+    if got != expected:
+        raise AssertionError(f"{who} gave {got}, {reference} gave {expected}")
+    return f"{sum(map(len, got.values()))} tokens equal to the {reference.replace(' ', '-')} run"
+
+
+def _handoff(make_case: Callable[..., BatchCase]) -> str:
+    case = make_case()
     # remove() joined BatchGenerator later than next() (mlx-lm 0.28.4, mlx-vlm 0.5.0).
     can_remove = hasattr(case.cls, "remove")
     expected = _one_thread_tokens(case, remove_first=can_remove)
@@ -121,13 +136,11 @@ def _handoff(case: BatchCase) -> str:
         return tokens
 
     on_new_thread(start_on_a)
-    got = on_new_thread(finish_on_b)
-    if got != expected:
-        raise AssertionError(f"hand-off gave {got}, one thread gave {expected}")
-    return f"{sum(map(len, got.values()))} tokens equal to the one-thread run"
+    return _same_tokens(on_new_thread(finish_on_b), expected, "hand-off")
 
 
-def _shared_by(case: BatchCase, n_threads: int) -> str:
+def _shared_by(make_case: Callable[..., BatchCase], n_threads: int) -> str:
+    case = make_case()
     expected = _one_thread_tokens(case)
     generator = case.make()
     case.insert(generator)
@@ -143,41 +156,24 @@ def _shared_by(case: BatchCase, n_threads: int) -> str:
         thread.start()
     for thread in threads:
         thread.join()
-    got = {uid: sorted(t) for uid, t in tokens.items()}
-    if got != {uid: sorted(t) for uid, t in expected.items()}:
-        raise AssertionError(f"{n_threads} threads gave {tokens}, one thread gave {expected}")
-    return f"{sum(map(len, got.values()))} tokens equal to the one-thread run"
+    return _same_tokens({uid: sorted(t) for uid, t in tokens.items()},
+                        {uid: sorted(t) for uid, t in expected.items()}, f"{n_threads} threads")
 
 
-@scenario("BatchGenerator stepped on thread A, then remove() and next() on thread B")
-def batch_generator_handoff() -> str:
-    return _handoff(_lm_batch_case())
-
-
-@scenario("2 threads drive one BatchGenerator")
-def batch_generator_shared_by_2_threads() -> str:
-    return _shared_by(_lm_batch_case(), 2)
-
-
-@scenario("8 threads drive one BatchGenerator")
-def batch_generator_shared_by_8_threads() -> str:
-    return _shared_by(_lm_batch_case(), 8)
-
-
-
-def _collected_on_foreign_thread(case: BatchCase, set_limit_by_hand: bool) -> str:
+def _collected_on_foreign_thread(make_case: Callable[..., BatchCase]) -> str:
     import gc
 
     import mlx.core as mx
 
-    with _MetalLikeClose() as metal:
+    case = make_case(takes_stream=True)
+    with MetalLikeClose() as metal:
         box: Dict[str, object] = {}
 
         def build_on_a():
             generator = case.make(stream=mx.default_stream(mx.default_device()))
             case.insert(generator)
             _step(generator, {}, **case.next_kwargs())
-            if set_limit_by_hand:  # what mlx-lm's __init__ does on Metal
+            if case.wired_limit_by_hand:
                 generator._old_wired_limit = mx.set_wired_limit(0)
             box["generator"] = generator
 
@@ -191,18 +187,22 @@ def _collected_on_foreign_thread(case: BatchCase, set_limit_by_hand: bool) -> st
     return f"collected silently, wired limit restored ({metal.limits})"
 
 
-def _takes_stream(cls) -> None:
-    import inspect
+def _on_lm_and_vlm(name: str, description: str, check: Callable[[Callable[..., BatchCase]], str],
+                   doctor: Optional[int] = None) -> None:
+    """Register `check` as scenario `name` on mlx-lm's BatchGenerator and as ``vlm_<name>`` on mlx-vlm's."""
+    scenario(description, name=name, doctor=doctor)(lambda: check(_lm_batch_case))
+    scenario(f"mlx-vlm: {description}", name=f"vlm_{name}")(lambda: check(_vlm_batch_case))
 
-    if "stream" not in inspect.signature(cls).parameters:
-        raise NotApplicable("this BatchGenerator takes no stream= (no close() sync to guard)")
 
-
-@scenario("BatchGenerator collected on a foreign thread, close() forced down the Metal sync path")
-def batch_generator_collected_on_foreign_thread() -> str:
-    _takes_stream(require("mlx_lm.generate", "BatchGenerator"))
-    return _collected_on_foreign_thread(_lm_batch_case(), set_limit_by_hand=True)
-
+_on_lm_and_vlm("batch_generator_handoff", "BatchGenerator stepped on thread A, then remove() and next() on thread B",
+               _handoff, doctor=7)
+_on_lm_and_vlm("batch_generator_shared_by_2_threads", "2 threads drive one BatchGenerator",
+               lambda make_case: _shared_by(make_case, 2))
+scenario("8 threads drive one BatchGenerator", name="batch_generator_shared_by_8_threads", doctor=8)(
+    lambda: _shared_by(_lm_batch_case, 8))
+_on_lm_and_vlm("batch_generator_collected_on_foreign_thread",
+               "BatchGenerator collected on a foreign thread, close() forced down the Metal sync path",
+               _collected_on_foreign_thread, doctor=11)
 
 
 @scenario("batch_generate's prompt caches continue the conversation in stream_generate (one thread)")
@@ -212,7 +212,7 @@ def batch_generate_caches_continue() -> str:
     batch_generate = require("mlx_lm.generate", "batch_generate")
     if "return_prompt_caches" not in inspect.signature(batch_generate).parameters:
         raise NotApplicable("this batch_generate returns no prompt caches")
-    model, tokenizer = _load("llama")
+    model, tokenizer = load_lm("llama")
     result = batch_generate(model, tokenizer, BATCH_PROMPTS[:2], max_tokens=4, return_prompt_caches=True)
     follow_up = [r.token for r in stream_generate(model, tokenizer, [10, 11], prompt_cache=result.caches[0],
                                                   max_tokens=4)]
@@ -225,8 +225,7 @@ def batch_generator_on_its_scheduler_thread() -> str:
 
     import mlx.core as mx
 
-    case = _lm_batch_case()
-    _takes_stream(case.cls)
+    case = _lm_batch_case(takes_stream=True)
     if not hasattr(mx, "new_thread_local_stream"):
         raise NotApplicable("this mlx has no new_thread_local_stream")
     expected = _one_thread_tokens(case)
@@ -247,25 +246,5 @@ def batch_generator_on_its_scheduler_thread() -> str:
                 return tokens, len(saved)
 
     got, saved = on_new_thread(scheduler)
-    if got != expected:
-        raise AssertionError(f"the scheduler thread gave {got}, the main thread {expected}")
-    return f"{sum(map(len, got.values()))} tokens equal to the main-thread run; {saved} prompt caches pickled"
-
-
-
-@scenario("mlx-vlm: BatchGenerator stepped on thread A, then remove() and next() on thread B")
-def vlm_batch_generator_handoff() -> str:
-    return _handoff(_vlm_batch_case())
-
-
-@scenario("mlx-vlm: 2 threads drive one BatchGenerator")
-def vlm_batch_generator_shared_by_2_threads() -> str:
-    return _shared_by(_vlm_batch_case(), 2)
-
-
-@scenario("mlx-vlm: BatchGenerator collected on a foreign thread, close() forced down the Metal sync path")
-def vlm_batch_generator_collected_on_foreign_thread() -> str:
-    _takes_stream(require("mlx_vlm.generate", "BatchGenerator"))
-    return _collected_on_foreign_thread(_vlm_batch_case(), set_limit_by_hand=False)
-
+    return f"{_same_tokens(got, expected, 'the scheduler thread', 'main thread')}; {saved} prompt caches pickled"
 

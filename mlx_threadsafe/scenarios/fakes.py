@@ -13,7 +13,7 @@ def _non_metal_wired_limit(model, streams=None):
     yield
 
 
-def _let_old_releases_generate_on_linux(module_names) -> None:
+def let_old_releases_generate_on_linux(module_names) -> None:
     """Give releases whose wired_limit is Metal-only the non-Metal branch later ones have.
 
     mlx-lm up to 0.25.2 and mlx-vlm 0.1.22 - 0.3.x read Metal's working-set size
@@ -39,7 +39,7 @@ def _let_old_releases_generate_on_linux(module_names) -> None:
 
 
 
-class _MetalLikeClose:
+class MetalLikeClose:
     """Makes the CPU build take Metal's paths through a generator's wired limit and close().
 
     On CPU and CUDA, close() syncs nothing; on Metal it synchronizes the generator's
@@ -48,7 +48,7 @@ class _MetalLikeClose:
     later scenarios run in the same process.
     """
 
-    def __enter__(self) -> "_MetalLikeClose":
+    def __enter__(self) -> "MetalLikeClose":
         import mlx.core as mx
 
         self.limits: List[int] = []

@@ -7,15 +7,16 @@ import sys
 
 from ..testing import on_new_thread
 from .catalogue import require, scenario
-from .fakes import _let_old_releases_generate_on_linux
+from .fakes import let_old_releases_generate_on_linux
 
 
-def _load(arch: str, **kwargs):
+def load_lm(arch: str, **kwargs):
+    """`mlx_lm.load` of a tiny offline model of `arch` (see ``testing.LM_ARCHS``); batch scenarios use it too."""
     from mlx_lm import load
 
     from ..testing import LM_ARCHS, build_lm
 
-    _let_old_releases_generate_on_linux(("mlx_lm.generate", "mlx_lm.utils"))
+    let_old_releases_generate_on_linux(("mlx_lm.generate", "mlx_lm.utils"))
 
     model_type = LM_ARCHS[arch]["model_type"]
     require(f"mlx_lm.models.{model_type}", "Model")  # older releases lack newer architectures
@@ -33,9 +34,9 @@ def _generate(model, tokenizer, max_tokens: int = 6) -> str:
 # ------------------------------------------------------------------ scenarios
 
 
-@scenario("load on main, generate on a worker thread (llama)")
+@scenario("load on main, generate on a worker thread (llama)", doctor=1)
 def generate_on_worker() -> str:
-    model, tokenizer = _load("llama")
+    model, tokenizer = load_lm("llama")
     expected = _generate(model, tokenizer)
     got = on_new_thread(_generate, model, tokenizer)
     if got != expected:
@@ -43,25 +44,25 @@ def generate_on_worker() -> str:
     return repr(got)
 
 
-@scenario("load on main, generate first on a worker (llama3 rope_scaling: lazy rope._freqs)")
+@scenario("load on main, generate first on a worker (llama3 rope_scaling: lazy rope._freqs)", doctor=2)
 def lazy_rope_on_worker() -> str:
-    model, tokenizer = _load("llama3rope")
+    model, tokenizer = load_lm("llama3rope")
     return repr(on_new_thread(_generate, model, tokenizer))
 
 
-@scenario("load(adapter_path=...) on main, generate on a worker (LoRA weights)")
+@scenario("load(adapter_path=...) on main, generate on a worker (LoRA weights)", doctor=3)
 def adapter_on_worker() -> str:
     from ..testing import build_lora_adapter
 
-    model, tokenizer = _load("llama", adapter_path=str(build_lora_adapter("llama")))
+    model, tokenizer = load_lm("llama", adapter_path=str(build_lora_adapter("llama")))
     return repr(on_new_thread(_generate, model, tokenizer))
 
 
-@scenario("8 threads generate greedily at once and match the serial outputs (gemma3 sliding window)")
+@scenario("8 threads generate greedily at once and match the serial outputs (gemma3 sliding window)", doctor=5)
 def eight_threads_match_serial() -> str:
     from concurrent.futures import ThreadPoolExecutor
 
-    models = [_load("gemma3_text") for _ in range(2)]
+    models = [load_lm("gemma3_text") for _ in range(2)]
     serial = [_generate(*models[i % 2]) for i in range(8)]
     with ThreadPoolExecutor(8) as pool:
         threaded = list(pool.map(lambda i: _generate(*models[i % 2]), range(8)))
@@ -75,7 +76,7 @@ def eight_threads_share_a_tokenizer() -> str:
     """The detokenizer race alone: every release has llama (mlx-lm before 0.20.1 has no gemma3)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    models = [_load("llama")[:2] for _ in range(2)]
+    models = [load_lm("llama")[:2] for _ in range(2)]
 
     def generate(i: int) -> str:
         model, tokenizer = models[i % 2]
@@ -89,22 +90,22 @@ def eight_threads_share_a_tokenizer() -> str:
     return f"{len(set(serial))} distinct outputs, all equal to serial"
 
 
-@scenario("asyncio.to_thread(generate)")
+@scenario("asyncio.to_thread(generate)", doctor=4)
 def asyncio_to_thread() -> str:
     import asyncio
 
-    model, tokenizer = _load("qwen3")
+    model, tokenizer = load_lm("qwen3")
     return repr(asyncio.run(asyncio.to_thread(_generate, model, tokenizer)))
 
 
-@scenario("two worker threads sample at temperature 1.0 and draw different text")
+@scenario("two worker threads sample at temperature 1.0 and draw different text", doctor=6)
 def threads_sample_differently() -> str:
     from mlx_lm import generate
 
     from ..testing import PROMPT
 
     make_sampler = require("mlx_lm.sample_utils", "make_sampler")
-    model, tokenizer = _load("llama")
+    model, tokenizer = load_lm("llama")
     sampler = make_sampler(temp=1.0)
     outputs = [on_new_thread(generate, model, tokenizer, PROMPT, max_tokens=12, sampler=sampler) for _ in range(2)]
     if outputs[0] == outputs[1]:
@@ -153,7 +154,7 @@ def _import_written(name: str, source: str):
     return importlib.import_module(name)
 
 
-@scenario("a stream a module makes at import, used on a request thread (any library's module)")
+@scenario("a stream a module makes at import, used on a request thread (any library's module)", doctor=9)
 def module_stream_on_request_thread() -> str:
     module = _import_written("module_with_stream", _MODULE_WITH_STREAM)
     got = on_new_thread(module.handle)
@@ -206,7 +207,7 @@ def plus_one_by_default(stream):
 
 
 @scenario("streams held anywhere (class and instance attributes, containers, made in main()) entered on "
-          "request threads")
+          "request threads", doctor=10)
 def streams_held_anywhere_on_request_threads() -> str:
     import threading
 

@@ -6,7 +6,7 @@ import sys
 
 from ..testing import on_new_thread
 from .catalogue import NotApplicable, require, scenario
-from .fakes import _let_old_releases_generate_on_linux
+from .fakes import let_old_releases_generate_on_linux
 
 
 def _vlm_image():
@@ -16,13 +16,14 @@ def _vlm_image():
     return Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype("uint8"))
 
 
-def _build_vlm(arch: str):
+def build_vlm_path(arch: str) -> str:
+    """The folder of a tiny offline VLM of `arch`, ready for mlx-vlm's loaders; batch scenarios use it too."""
     from ..testing import build_vlm
 
     require("mlx_vlm.utils", "update_module_configs")  # the offline builder needs it
     import mlx_vlm  # noqa: F401 - imports the modules whose wired_limit may need the stand-in
 
-    _let_old_releases_generate_on_linux(("mlx_vlm.generate", "mlx_vlm.utils"))
+    let_old_releases_generate_on_linux(("mlx_vlm.generate", "mlx_vlm.utils"))
     return str(build_vlm(arch))
 
 
@@ -31,7 +32,7 @@ def vlm_generate_on_worker() -> str:
     from mlx_vlm import generate, load
     from mlx_vlm.prompt_utils import apply_chat_template
 
-    model, processor = load(_build_vlm("gemma3"))
+    model, processor = load(build_vlm_path("gemma3"))
     prompt = apply_chat_template(processor, model.config, "w1 w2", num_images=1)
     image = _vlm_image()
 
@@ -56,7 +57,7 @@ def vlm_qwen2_vl_forward_on_worker() -> str:
     import numpy as np
     from mlx_vlm.utils import load_model
 
-    model = load_model(Path(_build_vlm("qwen2_vl")))
+    model = load_model(Path(build_vlm_path("qwen2_vl")))
     pixels = np.random.default_rng(0).standard_normal((16, 3 * 2 * 14 * 14)).astype(np.float32)
 
     def forward():
@@ -84,7 +85,7 @@ def _qwen2_vl_requests():
     import numpy as np
     from mlx_vlm.utils import load_model
 
-    model = load_model(Path(_build_vlm("qwen2_vl")))
+    model = load_model(Path(build_vlm_path("qwen2_vl")))
     requests = []
     for index, (height, width, words) in enumerate([(4, 4, 2), (8, 4, 3), (4, 8, 1), (8, 8, 2)]):
         image_tokens = height * width // 4  # spatial_merge_size 2
