@@ -158,6 +158,7 @@ def rates(args) -> None:
                 "graphs_var": last.get("MLX_USE_CUDA_GRAPHS") if last else None,
                 "seconds": round(time.monotonic() - started, 2),
                 "stderr_tail": stderr.strip().splitlines()[-4:] if rc != 0 else [],
+                "fault": _fault_lines(stderr) if rc != 0 else [],
             })
 
     for name in plan:
@@ -183,6 +184,18 @@ def rates(args) -> None:
     _summarize(results)
     out.write_text(json.dumps(results, indent=1))
     print(json.dumps(results["summary"], indent=1))
+
+
+def _fault_lines(stderr: str) -> List[str]:
+    """faulthandler's report: the error line and the stack of the thread that crashed (its frames first)."""
+    lines = stderr.splitlines()
+    kept: List[str] = []
+    for index, line in enumerate(lines):
+        if line.startswith("Fatal Python error") or line.startswith("Current thread"):
+            kept.append(line)
+            if line.startswith("Current thread"):
+                kept.extend(lines[index + 1:index + 13])
+    return kept
 
 
 def _summarize(results: Dict[str, Any]) -> None:
@@ -249,6 +262,40 @@ def measure(args) -> None:
     wall = time.perf_counter() - start
     result["threads8_tiny"] = {"tokens_per_s": THREADS * 64 / wall, "wall_s": wall}
     print(json.dumps({"final": result}), flush=True)
+
+
+def inprocess(args) -> None:
+    """One process: generate_step tokens/s with the shim off and on, alternating (ABBA) on the same model."""
+    import mlx.core as mx
+    from mlx_lm import load
+    from mlx_lm.generate import generate_step
+
+    import mlx_threadsafe
+
+    def tokens_per_s(model, tokens: int) -> float:
+        start = time.perf_counter()
+        for (_, _), _ in zip(generate_step(mx.array(PROMPT_IDS), model, max_tokens=tokens), range(tokens)):
+            pass
+        return tokens / (time.perf_counter() - start)
+
+    result: Dict[str, Any] = {"pairs": args.pairs, "tokens": 128}
+    for name in ("wide", "tiny"):
+        model, _ = load(args.models[name])
+        tokens_per_s(model, 16)
+        pairs = []
+        for index in range(args.pairs):
+            pair = {}
+            for side in ("off", "on") if index % 2 == 0 else ("on", "off"):
+                mlx_threadsafe.install() if side == "on" else mlx_threadsafe.uninstall()
+                pair[side] = tokens_per_s(model, 128)
+            pairs.append(pair)
+        mlx_threadsafe.uninstall()
+        result[name] = {"off": statistics.median(p["off"] for p in pairs),
+                        "on": statistics.median(p["on"] for p in pairs),
+                        "ratio": statistics.median(p["on"] / p["off"] for p in pairs), "samples": pairs}
+        print(json.dumps({name: {k: v for k, v in result[name].items() if k != "samples"}}), flush=True)
+    result["device"] = device_info()
+    Path(args.out).write_text(json.dumps(result, indent=1))
 
 
 def cost(args) -> None:
@@ -337,6 +384,9 @@ def main(argv=None) -> None:
     m.add_argument("--tiny", required=True)
     m.add_argument("--wide", required=True)
     m.add_argument("--shim", action="store_true")
+    i = sub.add_parser("inprocess")
+    i.add_argument("--out", required=True)
+    i.add_argument("--pairs", type=int, default=10)
     k = sub.add_parser("cost")
     k.add_argument("--out", required=True)
     k.add_argument("--pairs", type=int, default=2, help="UPPU blocks")
@@ -345,7 +395,9 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.command == "measure":
         args.models = {"tiny": args.tiny, "wide": args.wide}
-    {"child": child, "rates": rates, "measure": measure, "cost": cost}[args.command](args)
+    if args.command == "inprocess":
+        args.models = {"tiny": _model_dir("qwen3"), "wide": _wide_dir()}
+    {"child": child, "rates": rates, "measure": measure, "cost": cost, "inprocess": inprocess}[args.command](args)
 
 
 if __name__ == "__main__":
