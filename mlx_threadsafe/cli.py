@@ -38,7 +38,7 @@ def doctor(scenarios: List[str]) -> int:
     print("running the scenarios in two fresh processes at once, one without the shim and one with it (a "
           "scenario that kills its process is named, and the ones after it run again, each alone):\n", flush=True)
     # The sides run side by side: each process spends most of its time starting the
-    # backend and compiling kernels (about 35 s on an H200), not computing.
+    # backend and compiling kernels, not computing.
     with ThreadPoolExecutor(2, thread_name_prefix="doctor-side") as sides:
         without_side = sides.submit(run_batch, scenarios, shim=False)
         with_all = run_batch(scenarios, shim=True)

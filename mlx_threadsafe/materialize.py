@@ -1,10 +1,9 @@
 """materialize(obj): evaluate every array reachable from a model, on the calling thread.
 
-Move 3 of the design. A lazy array belongs to the stream of the thread that built
-it, so a model whose state is still lazy cannot be used from another thread.
-``mlx_lm.load()`` evaluates only ``model.parameters()``, which leaves out
-``_``-prefixed attributes (``rope._freqs``), arrays in tuples and plain objects,
-and never evaluates LoRA adapters.
+A lazy array belongs to the stream of the thread that built it, so a model with lazy state
+cannot be used from another thread. ``mlx_lm.load()`` evaluates only ``model.parameters()``,
+which leaves out ``_``-prefixed attributes (``rope._freqs``), arrays in tuples and plain
+objects, and LoRA adapters.
 """
 
 from __future__ import annotations

@@ -1,24 +1,11 @@
 """Per-thread MLX state: the generation-stream factory, thread-end cleanup, RNG keys.
 
-Moves 1 and 4 of the design: every thread gets its own stream, and releases its
-thread-affine resources on itself before it ends.
-
-How a thread's end is noticed without touching user code: the first time a thread
-uses MLX through the shim it is *adopted*, which stores a sentinel in a
-``threading.local``. CPython drops a thread's locals while that thread's state is
-cleared, on the thread itself and with the GIL held, after ``Thread.run`` returned
-and before the OS thread runs its C++ ``thread_local`` destructors. The sentinel's
-``__del__`` calls ``mx.clear_streams()`` there, which is the MLX maintainers' own
-pattern (mlx-lm PR #1537) and removes the abort at interpreter exit
-(``terminate called without an active exception``) that those destructors cause
-when they run while the main thread finalizes the interpreter.
-
-That is not enough alone: ``Thread.join()`` (before Python 3.13) returns when the
-thread's Python state is gone, while its OS thread has still to run those destructors;
-MLX's per-thread random key (and compile cache) take the GIL in theirs, so they wait
-while the main thread runs on, and if it has meanwhile begun finalizing, that acquire
-ends the thread inside a ``noexcept`` destructor: the same abort. So at exit the main thread waits (bounded)
-for the OS threads of ended MLX threads to be gone, before finalization begins.
+Every thread gets its own stream and releases its thread-affine resources on itself. A thread
+is *adopted* the first time it uses MLX through the shim: a sentinel in a ``threading.local``,
+whose ``__del__`` runs ``mx.clear_streams()`` on the thread as CPython clears its state, before
+its C++ ``thread_local`` destructors run (mlx-lm PR #1537 does the same by hand). Those
+destructors take the GIL and still run after ``Thread.join()`` returns (Python < 3.13), so at
+exit the main thread waits (bounded) for the OS threads of ended MLX threads before finalizing.
 """
 
 from __future__ import annotations

@@ -1,11 +1,12 @@
 """A BatchGenerator's owner thread, and its close guard (mlx-lm's and mlx-vlm's alike).
 
-Once a BatchGenerator has stepped on a thread its batch state (KV caches, pending
-tokens) is lazy work bound to that thread: ``next``/``remove``/``extract_cache`` from
-another thread raise ``There is no Stream``, and two threads driving it at once
-corrupt it. The owner patch gives each generator one owner thread and sends every
-call there; the close guard keeps ``close()``/``__del__`` from raising when the
-garbage collector runs them on a foreign thread (mlx-lm #1888).
+Once stepped on a thread, a BatchGenerator's batch state is lazy work bound to that thread, and
+two threads driving it at once corrupt it. Owner: built on a Worker, that worker owns it; built
+elsewhere, its builder does and calls from there stay direct. It moves to a dedicated Worker
+only when another thread calls it before its builder stepped it or after its builder ended;
+otherwise that call raises WrongThread. Arrays handed to a call that hops are evaluated on the
+caller first. Close guard: ``close()``/``__del__`` never raise when the garbage collector runs
+them on a foreign thread (mlx-lm #1888).
 """
 
 from __future__ import annotations

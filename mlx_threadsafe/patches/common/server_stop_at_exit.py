@@ -1,18 +1,11 @@
 """A server's generation thread is stopped, and waited for, before the interpreter finalizes.
 
-mlx-lm's and mlx-vlm's servers run generation on one thread of a ``ResponseGenerator``.
-At shutdown that thread may still be alive: mlx-vlm never stops it; mlx-lm's rank > 0
-of a distributed server waits in ``response_generator.join()``, and on Python < 3.13 a
-KeyboardInterrupt during ``join()`` marks the still-running thread as stopped, so
-finalization does not wait for it. A thread that owns MLX state while the interpreter
-finalizes aborts the process (``terminate called without an active exception``).
-
-How: every ResponseGenerator is remembered (weakly); an atexit handler asks each to
-stop (``stop_and_join(timeout=)`` where the release has one, mlx-vlm; else the
-``_stop`` flag its loop reads, as mlx-lm's own ``stop_and_join()`` does before its
-unbounded join) and then waits, at most STOP_TIMEOUT_S, for the generation thread's
-OS thread to be gone. ``Thread.join()`` cannot be trusted here: after the
-KeyboardInterrupt it returns at once for a thread that still runs (bpo-45274).
+mlx-lm's and mlx-vlm's servers generate on the thread of a ``ResponseGenerator``, which may
+still run at exit (mlx-vlm never stops it; an interrupted ``join()`` on Python < 3.13 leaves
+mlx-lm's running), and a thread owning MLX state as the interpreter finalizes aborts the process.
+Every ResponseGenerator is remembered (weakly); at exit each is asked to stop (its own
+``stop_and_join(timeout=)``, else the ``_stop`` flag its loop reads) and its OS thread is waited
+for, at most STOP_TIMEOUT_S: ``Thread.join()`` returns at once after a KeyboardInterrupt (bpo-45274).
 """
 
 from __future__ import annotations

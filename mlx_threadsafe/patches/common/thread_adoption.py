@@ -1,20 +1,12 @@
-"""Adopt a thread into the shim the first time it evaluates MLX work.
+"""Adopt a thread into the shim the first time it evaluates MLX work; the layer patches subscribe to.
 
-Both mlx.thread_cleanup and mlx.thread_rng need threads adopted; they share one
-wrapper layer on ``mx.eval``. Adoption is once per thread, so the layer sits on calls
-that happen once per request or per thread, never on one that happens once per token:
-``mx.async_eval`` (one call per generated token in mlx-lm and mlx-vlm) is left as MLX
-made it. A thread is adopted by whichever comes first: its first ``mx.eval`` (mlx-lm's
-``generate_step`` makes one at its first token, ``BatchGenerator.next`` at every step),
-its first random draw or seed (mlx.thread_rng), its first ``mx.new_stream`` or
-shim-made generation stream, or its first call into a Worker or a BatchGenerator.
-Every thread started while the layer is on is also waited for at exit once it ended (a
-hook where ``threading.Thread`` starts), even if none of its MLX calls passes the layer.
-
-The same layer explains MLX's thread errors that pass through ``mx.eval`` (at no cost
-to a call that does not fail) and those that end a thread or the program unhandled
-(``threading.excepthook`` / ``sys.excepthook``, which catch ``async_eval``, ``item()``
-and the rest); records which thread made each ``mx.new_stream``; and arms the fork guard.
+Patches declare a `Use` (cleanup, seed, a step before or after each ``mx.eval``) and share one
+wrapper layer on ``mx.eval``. A thread is adopted once, by whichever comes first: its first
+``mx.eval``, random draw or seed, ``mx.new_stream`` or shim-made stream, or call into a Worker
+or a BatchGenerator; ``mx.async_eval`` (once per generated token) is left as MLX made it. Every
+thread started while the layer is on is waited for at exit once it ended. The layer also explains
+MLX's thread errors (through ``mx.eval``, ``threading.excepthook``, ``sys.excepthook``), records
+which thread made each stream, and arms the fork guard.
 """
 
 import sys

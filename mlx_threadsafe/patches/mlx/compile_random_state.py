@@ -1,21 +1,12 @@
 """mlx.compile.random_state: a compiled sampler draws from the calling thread's random key.
 
-From mlx 0.31.2 the default random key is per thread, and
-``mx.compile(f, inputs=mx.random.state, outputs=mx.random.state)`` captures the key list
-of the thread that *compiled* ``f``: normally the main thread, at import. Called from
-any other thread such a function never advances a key and returns the same draw on
-every call. mlx-lm's and mlx-vlm's samplers are compiled that way, so every request that
-mlx_lm.server generates on its worker thread at temperature > 0 samples from a frozen
-sampler (mlx-lm #1439, #1675). mlx 0.32.1 fixed it inside MLX (#3828: the captured
-state resolves to the calling thread's key).
-
-How: ``mx.compile`` is wrapped; a function whose captured inputs or outputs hold the
-compiling thread's random state is compiled once per calling thread, capturing that
-thread's own state instead (the containers around it are copied per thread, so one that
-also holds a plain value directly is left as it was, with a warning). Sampler modules
-imported before install() compiled their samplers already; they are imported again
-(through the wrapper) and every module that copied one of their samplers by name is
-pointed at the new one.
+``mx.compile(f, inputs=mx.random.state, outputs=mx.random.state)`` captures the key of the
+thread that compiled ``f`` (the main thread, at import); on any other thread it returns the same
+draw at every call, and mlx-lm's and mlx-vlm's samplers are compiled that way (mlx-lm #1439,
+#1675; fixed inside MLX from 0.32.1, mlx #3828). Such a function is compiled once per calling
+thread with that thread's own state (containers around it copied per thread; one that also holds
+a plain value is left as it was, with a warning). Sampler modules imported before install() are
+imported again and every name-imported copy of their samplers repointed.
 """
 
 from __future__ import annotations

@@ -1,19 +1,10 @@
 """mlx.distributed.one_thread: a collective issued while another thread has one pending is an error.
 
-A collective (``all_sum``, ``all_gather``, ``send``, ...) pairs up with the same call
-on every other rank, in the order each rank issues them. Two threads of one rank
-issuing collectives at once interleave them differently on each rank, and the sums
-come out wrong with no error at all (measured: 95-100% of 200 ``all_sum`` wrong,
-ring and MPI, with or without a per-process lock).
-
-How: each collective records, per group, the thread that issued it, until that
-thread's next ``mx.eval`` returns (then everything it issued has run). A collective
-from another live thread while one is pending raises `ConcurrentCollectives`, naming
-both threads and what is safe. Cost on the single-thread path: a dictionary lookup per
-collective and one emptiness check per ``mx.eval``. A collective read with ``.item()``
-instead of ``mx.eval`` stays pending for its thread: another thread's collective is
-then refused until that thread evaluates again or ends (the safe rule is one thread per
-rank for every collective).
+A collective pairs up with the same call on every other rank, in the order each rank issues
+them; two threads of one rank interleave them differently on each rank and the results are
+silently wrong. Each collective records, per group, its thread until that thread's next
+``mx.eval`` returns; another live thread's collective meanwhile raises `ConcurrentCollectives`
+(one read with ``.item()`` stays pending until its thread evaluates again or ends).
 """
 
 from __future__ import annotations

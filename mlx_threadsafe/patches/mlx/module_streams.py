@@ -1,20 +1,11 @@
 """mlx.module_streams: a stream made on one thread works when another thread enters it.
 
-MLX binds each ``mx.Stream`` to the thread that made it: ``with mx.stream(s)`` or
-``mx.set_default_stream(s)`` on any other thread builds work that fails at evaluation
-with ``There is no Stream(cpu, 0) in current thread``, wherever ``s`` is held (a module
-global, a class or instance attribute, a container, a closure).
-
-The rule: ``mx.stream(s)`` and ``mx.set_default_stream(s)`` given a concrete stream that
-is not the calling thread's use that thread's *twin* of it instead, a stream the thread
-makes once on the same device (released when the thread ends). ``mx.synchronize(s)``
-then waits for the twin too. On its own thread a program sees exactly what it made;
-nothing is replaced in its modules or objects, and ops are not wrapped (``stream=s``
-passed to an op still raises off its thread, with a note that says how to enter it).
-
-Whose stream it is: the record of the thread that made it (`stream_owners`), else one
-tiny evaluation on it, once per thread and stream. The id predates the general rule,
-when only module globals were covered; it is kept so the evidence stays comparable.
+MLX binds each ``mx.Stream`` to the thread that made it. ``mx.stream(s)`` and
+``mx.set_default_stream(s)`` given a concrete stream that is not the calling thread's use
+that thread's *twin* of it (made once on the same device, released when the thread ends);
+``mx.synchronize(s)`` waits for the twin too. Nothing in the program is replaced and ops are
+not wrapped (``stream=s`` passed to an op still raises off its thread, with a note). Whose
+stream it is: `stream_owners`' record, else one tiny evaluation on it, once per thread and stream.
 """
 
 from __future__ import annotations

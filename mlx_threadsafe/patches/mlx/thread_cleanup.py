@@ -1,19 +1,10 @@
 """mlx.thread_cleanup: every thread that used MLX releases its streams on itself as it ends.
 
-After a Python thread is joined its OS thread still runs the C++ ``thread_local``
-destructors; MLX's per-thread compile cache releases Python objects there, and if the
-main thread is already finalizing the interpreter the process aborts with
-``terminate called without an active exception``. ``mx.clear_streams()`` at the end
-of the thread (what the MLX maintainers do in mlx-lm's own tests) prevents it.
-
-How: a thread is adopted once, at its first ``mx.eval`` (one thread-local lookup per
-call; ``mx.async_eval``, called per token, is left alone), draw, stream or Worker call
-(see `..common.thread_adoption`); an adopted thread runs ``mx.clear_streams()`` on itself when it
-ends (see `mlx_threadsafe.streams`). Every thread started while the patch is on, adopted
-or not (one whose MLX work is only ``async_eval`` and ``item()``), is recorded as it ends,
-so that at exit the main thread waits for its OS thread to finish its C++ destructors (the package's exit hook, in
-`mlx_threadsafe.worker`, which stays on after revert: threads that ended while the
-patch was on may still be waiting for the GIL).
+A thread's C++ ``thread_local`` destructors run after ``join()`` returns; run while the main
+thread finalizes the interpreter they abort the process (``terminate called without an active
+exception``). Adopted threads (`..common.thread_adoption`) run ``mx.clear_streams()`` as they end,
+and the exit hook (`mlx_threadsafe.exit_steps`) waits for the OS thread of every thread started
+while the patch is on, adopted or not; that wait stays after revert, for threads that ended before.
 """
 
 from ..common.thread_adoption import AdoptionLayerPatch, Use

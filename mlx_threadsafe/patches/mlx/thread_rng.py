@@ -1,13 +1,9 @@
 """mlx.thread_rng: each thread draws from its own random key, derived from the process seed.
 
-Since mlx 0.31.2 the default key is per thread and every new thread starts from the
-same key, so two worker threads sampling at temperature 1.0 produce the same "random"
-text, and ``mx.random.seed()`` on the main thread does not reach them (mlx-lm #1675).
-
-How: when a thread is adopted (its first ``mx.eval`` or its first random draw), it is
-seeded with a key derived from the process seed, its name and how many threads of
-that name came before; ``mlx_threadsafe.seed(n)`` fixes the process seed. A thread
-that calls ``mx.random.seed`` itself keeps its own seed.
+From mlx 0.31.2 every new thread starts from the same key, so two threads sampling at
+temperature 1.0 draw the same text, and ``mx.random.seed()`` on the main thread does not reach
+them (mlx-lm #1675). An adopted thread is seeded from the process seed (``mlx_threadsafe.seed(n)``),
+its name and how many threads of that name came before; one that seeds itself keeps its seed.
 """
 
 from types import ModuleType

@@ -1,9 +1,7 @@
-"""mlx_lm.BatchGenerator.close_guard: close()/__del__ never raise off their stream's thread.
+"""mlx_lm.BatchGenerator.close_guard: close() and __del__ never raise off their stream's thread.
 
-``close()`` runs ``mx.synchronize(stream)`` when a wired limit was set (Metal); run by
-the garbage collector on another thread it raises ``There is no Stream(gpu, N) in
-current thread`` (mlx-lm #1888, PR #1890 unmerged). Only that error is swallowed;
-``__del__`` never raises.
+On Metal ``close()`` synchronizes the generator's stream, which raises when the garbage
+collector runs it on another thread (mlx-lm #1888); only that error is swallowed.
 """
 
 from ..common.batch_generator import CloseGuardPatch

@@ -1,8 +1,7 @@
 """mlx_lm.load.materialize: a loaded model has no lazy state left (all mlx-lm releases).
 
 ``load_model`` evaluates only ``model.parameters()``: ``_``-prefixed arrays such as
-``Llama3RoPE._freqs`` stay lazy, adapters loaded by ``load_adapters`` are never
-evaluated, and a model loaded on one thread then fails on another.
+``Llama3RoPE._freqs`` and adapters from ``load_adapters`` stay lazy, bound to the loading thread.
 """
 
 from ..common.load_materialize import LoadMaterializePatch

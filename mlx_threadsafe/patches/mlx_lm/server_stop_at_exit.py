@@ -1,11 +1,8 @@
-"""mlx_lm.server.stop_at_exit: the server's generation thread ends before the process does (0.28.4+).
+"""mlx_lm.server.stop_at_exit: the server's generation thread is stopped, and waited for, at exit (0.28.4+).
 
-``mlx_lm.server`` runs generation on the thread of its ``ResponseGenerator``. Rank 0
-stops it after a KeyboardInterrupt in ``serve_forever``; every other rank of a
-distributed server (``mlx.launch ... -- mlx_lm.server``) waits in
-``response_generator.join()``, and a KeyboardInterrupt there (Python < 3.13) leaves
-the generation thread running, unwaited, while the interpreter finalizes: rank 1
-aborted in 3 of 3 Ctrl-C runs. The thread is stopped and waited for (bounded) at exit.
+A KeyboardInterrupt while a rank > 0 of a distributed server waits in
+``response_generator.join()`` (Python < 3.13) leaves that thread running as the
+interpreter finalizes, which aborts the process.
 """
 
 from ..common.server_stop_at_exit import ServerStopAtExitPatch

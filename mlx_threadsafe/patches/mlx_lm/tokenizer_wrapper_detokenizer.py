@@ -1,10 +1,8 @@
 """mlx_lm.TokenizerWrapper.detokenizer: each caller gets its own streaming detokenizer.
 
-Up to 0.27.1 ``TokenizerWrapper`` holds one streaming detokenizer and hands that same
-object to every ``stream_generate``; two threads generating with one tokenizer reset
-and feed it at once and get each other's text, glued or split in the wrong places
-(measured: 8 greedy threads on mlx-lm 0.25.3-0.27.1). From 0.28.0 the property
-returns a fresh detokenizer per access; this patch gives older releases the same.
+Up to 0.27.1 ``TokenizerWrapper`` hands one streaming detokenizer to every
+``stream_generate``, so two threads generating with one tokenizer get each other's
+text. From 0.28.0 the property returns a fresh one per access; this gives older releases the same.
 """
 
 from types import ModuleType

@@ -1,12 +1,8 @@
-"""mlx_vlm.BatchGenerator.close_guard: close()/__del__ never raise off their stream's thread.
+"""mlx_vlm.BatchGenerator.close_guard: close() and __del__ never raise off their stream's thread.
 
-From 0.5.0 mlx-vlm's BatchGenerator enters ``wired_limit(model, [stream])`` in
-``__init__`` and leaves it in ``close()`` (``__del__`` calls ``close()``); on Metal the
-exit synchronizes the generator's stream, which raises ``There is no Stream(gpu, N) in
-current thread`` when the garbage collector runs it on another thread, and the wired
-limit is then never restored. The guard skips that sync off the entering thread (the
-limit is still restored), swallows only that error in ``close()``, and keeps
-``__del__`` from raising.
+From 0.5.0 ``close()`` leaves ``wired_limit(model, [stream])``, whose exit synchronizes the
+stream on Metal: run by the garbage collector on another thread it raises and the wired
+limit is never restored. Off the entering thread the guard skips that sync (and still restores the limit).
 """
 
 from ..common.batch_generator import CloseGuardPatch

@@ -1,12 +1,7 @@
-"""mlx_vlm.BatchGenerator.owner: every BatchGenerator call runs on the generator's owner thread.
+"""mlx_vlm.BatchGenerator.owner: every BatchGenerator call runs on the generator's owner thread (0.3.10+).
 
-mlx-vlm's BatchGenerator (0.3.10+) has the shape of mlx-lm's: once stepped on one
-thread its batch state is lazy work bound to that thread, and two threads stepping it
-at once corrupt it. The same owner rules apply (see `mlx_lm.BatchGenerator.owner`);
-``mlx_vlm.server`` builds its generator on its generation thread with that thread's
-stream, so the server keeps direct calls. Arrays handed to a call that hops to the
-owner (``insert(prompt_kwargs=[{"inputs_embeds": ...}])``) are evaluated on the caller
-first, since lazy ones belong to the caller's stream.
+The owner rules are `patches.common.batch_generator`'s; ``mlx_vlm.server`` builds its generator
+on its generation thread, so the server's own calls stay direct.
 """
 
 from ..common.batch_generator import BatchGeneratorOwnerPatch

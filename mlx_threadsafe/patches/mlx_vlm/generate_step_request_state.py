@@ -1,24 +1,12 @@
 """mlx_vlm.generate_step.request_state: state a model keeps for one request stays with that request.
 
-MRoPE models (qwen2_vl, qwen2_5_vl, qwen3_vl, glm4v and a dozen more) write
-``_rope_deltas`` and ``_position_ids`` onto the shared language model during the
-prefill and read them back at every decode step. So two requests generating on one
-model at once overwrite each other's positions (mlx-vlm #1415), and a generation whose
-prefill ran on thread A fails on thread B (the state is lazy work of A's stream).
-
-How: ``generate_step`` is wrapped, wherever the release bound it. For a model that
-keeps such state, each step of a generation runs under that model's lock with the
-request's own values swapped in, and the values it leaves are evaluated (so any thread
-may read them) and taken back out. Each generation starts from a clean state, as on a
-freshly loaded model. Cost: steps of concurrent generations on one such model run one
-at a time (they interleave token by token, the prefill of one request holds the
-others for its duration); models without this state pass straight through.
-
-A loop of raw forwards (no ``generate_step``) is covered for the thread hop only: for
-each model a loader returns (through mlx_vlm.load.materialize), the classes that hold
-such state evaluate it at the end of every forward, on the thread that wrote it, so a
-decode forward on thread B can read what the prefill on A left. Two raw loops on one
-model at once still share the state: run them through ``generate_step``.
+MRoPE models (qwen2_vl, qwen2_5_vl, qwen3_vl, glm4v, ...) write ``_rope_deltas`` and
+``_position_ids`` onto the shared model at the prefill and read them at every decode step, so
+concurrent requests overwrite each other's positions (mlx-vlm #1415) and a decode on another
+thread than the prefill fails. Each ``generate_step`` step of such a model runs under the model's
+lock with its request's own values swapped in (evaluated, then taken back out); other models pass
+straight through. For raw forwards (no ``generate_step``), the classes holding that state evaluate
+it after every forward (a hook on mlx_vlm.load.materialize), which covers the thread hop only.
 """
 
 from __future__ import annotations

@@ -1,8 +1,7 @@
 """mlx_vlm.load.materialize: a loaded VLM has no lazy state left (all mlx-vlm releases).
 
-mlx-vlm leaves rotary tables lazy (qwen2_vl ``inv_freq`` up to 0.6.1,
-``rope._freqs`` in openai_privacy_filter on 0.7.10), never evaluates LoRA adapters,
-and ``sharded_load`` evaluates only the language model, leaving the vision tower lazy.
+mlx-vlm leaves rotary tables lazy (qwen2_vl ``inv_freq``, openai_privacy_filter ``rope._freqs``),
+never evaluates LoRA adapters, and ``sharded_load`` leaves the vision tower lazy.
 """
 
 from ..common.load_materialize import LoadMaterializePatch
