@@ -30,14 +30,20 @@ class _Policy:
 
     cleanup = False  # release its streams as it ends, and be waited for at exit
     seed = False  # give it its own random key
+    around_release: "Optional[Callable[[Callable[[], None]], None]]" = None  # runs the release of its streams
 
 
 _policy = _Policy()
 
 
-def configure(*, cleanup: bool, seed: bool) -> None:
-    """Whether adopted threads release their streams as they end, and get their own random key."""
-    _policy.cleanup, _policy.seed = cleanup, seed
+def configure(*, cleanup: bool, seed: bool,
+              around_release: "Optional[Callable[[Callable[[], None]], None]]" = None) -> None:
+    """Whether adopted threads release their streams as they end, and get their own random key.
+
+    `around_release(release)`, if given, is called on the ending thread to run the release
+    (after the thread's own end steps), e.g. inside a lock.
+    """
+    _policy.cleanup, _policy.seed, _policy.around_release = cleanup, seed, around_release
 
 _rng_lock = threading.Lock()
 _process_seed: Optional[int] = None
@@ -140,7 +146,8 @@ def release_thread_streams(thread_name: str = "") -> None:
 
         clear = getattr(mx, "clear_streams", None)
         if clear is not None:
-            clear()
+            around = _policy.around_release
+            around(clear) if around is not None else clear()
             log.debug("released the streams of thread %s", thread_name or threading.current_thread().name)
     except Exception:  # noqa: BLE001 - runs while a thread is being torn down
         pass

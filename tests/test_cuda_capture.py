@@ -12,7 +12,7 @@ should.
 import json
 
 import pytest
-from helpers import AS_CUDA, run_json
+from helpers import AS_CUDA, run_json, run_python
 
 from mlx_threadsafe.patches import ALL, by_id
 
@@ -153,11 +153,17 @@ GATE = """
     threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
     for t in threads: t.start()
     for t in threads: t.join()
-    # A thread that ended leaves the gate closed to encoding until its OS thread is gone.
-    gate = cuda_capture_gate._gate
-    gate.enter_exclusive(); gate.leave_exclusive(ending_native_id=threading.get_native_id())
-    closed = gate._still_ending()
-    gate._ending.clear()
+    # A thread that released its streams leaves the gate closed to encoding until its OS thread is gone.
+    gate, release, ids = cuda_capture_gate._gate, threading.Event(), []
+    ending = threading.Thread(target=lambda: (ids.append(threading.get_native_id()), release.wait()))
+    ending.start()
+    while not ids: time.sleep(0.01)
+    gate.enter_exclusive(); gate.leave_exclusive(ending_native_id=ids[0])
+    closed_while_alive = gate._still_ending()
+    release.set(); ending.join()
+    began = time.monotonic()
+    gate.enter_shared(); gate.leave_shared()  # returns once the OS thread is gone
+    closed = closed_while_alive and not gate._still_ending() and time.monotonic() - began < 5
     mx.clear_cache()
     wrapped = hasattr(mx.async_eval, "__wrapped__")
     mlx_threadsafe.uninstall()
@@ -165,14 +171,42 @@ GATE = """
 """
 
 
+GATE_ON = {"MLX_THREADSAFE_CUDA_GATE": "on"}
+
+
 def test_capture_gate_serves_threads_the_reference_text_and_closes_while_a_thread_ends():
-    state, all_equal, closed, wrapped, still_wrapped = run_json(GATE.format(prelude=AS_CUDA), timeout=300)
+    state, all_equal, closed, wrapped, still_wrapped = run_json(GATE.format(prelude=AS_CUDA), env=GATE_ON,
+                                                                timeout=300)
     assert state == "applied" and all_equal and closed and wrapped and not still_wrapped
+
+
+def test_capture_gate_lets_an_ending_thread_evaluate_its_end_steps():
+    # A BatchGenerator handed to another thread evaluates its state as its first owner ends; that
+    # thread's release of its streams (exclusive) must come after, or it waits for its own end.
+    code = AS_CUDA + """
+    import sys
+    from mlx_threadsafe.scenarios.runner import main
+    sys.exit(main(["batch_generator_handoff", "--shim"]))
+    """
+    done = run_python(code, env=GATE_ON, timeout=120)
+    assert done.returncode == 0 and '"ok": true' in done.stdout, done.stdout + done.stderr[-2000:]
+
+
+def test_capture_gate_waits_for_its_opt_in():
+    code = AS_CUDA + """
+    import json, mlx_threadsafe
+    mlx_threadsafe.install()
+    import mlx.core as mx
+    r = mlx_threadsafe.status()['mlx.cuda_capture_gate']
+    print(json.dumps([str(r.state), hasattr(mx.async_eval, '__wrapped__')]))
+    """
+    state, wrapped = run_json(code, env={"MLX_THREADSAFE_CUDA_GATE": ""})
+    assert state != "applied" and not wrapped
 
 
 def test_capture_gate_is_skipped_on_the_cpu_backend():
     code = "import json, mlx_threadsafe; mlx_threadsafe.install(); import mlx.core as mx; " \
            "r = mlx_threadsafe.status()['mlx.cuda_capture_gate']; print(json.dumps([str(r.state), r.reason, " \
            "hasattr(mx.async_eval, '__wrapped__')]))"
-    state, reason, wrapped = run_json(code)
+    state, reason, wrapped = run_json(code, env=GATE_ON)
     assert state == "skipped" and "cuda" in reason.lower() and not wrapped

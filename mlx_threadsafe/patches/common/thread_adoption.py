@@ -28,6 +28,7 @@ class Use(NamedTuple):
     seed: bool = False  # adopted threads get their own random key
     before_eval: Optional[Callable[[tuple], None]] = None  # runs on the thread with each mx.eval's arguments
     after_eval: Optional[Callable[[], None]] = None  # runs on the thread after each of its mx.eval returns
+    around_release: Optional[Callable[[Callable[[], None]], None]] = None  # runs an ending thread's release
 
 
 _originals = Originals()
@@ -94,7 +95,8 @@ def release(user: str) -> None:
 def _refresh() -> None:
     global _before_eval, _after_eval
     uses = list(_uses.values())
-    streams.configure(cleanup=any(use.cleanup for use in uses), seed=any(use.seed for use in uses))
+    streams.configure(cleanup=any(use.cleanup for use in uses), seed=any(use.seed for use in uses),
+                      around_release=next((use.around_release for use in uses if use.around_release), None))
     _before_eval = tuple(use.before_eval for use in uses if use.before_eval is not None)
     _after_eval = tuple(use.after_eval for use in uses if use.after_eval is not None)
 

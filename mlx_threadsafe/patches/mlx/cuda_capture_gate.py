@@ -12,6 +12,8 @@ run on any number of threads at once and keeps those calls apart from it:
 - a thread's end is exclusive: it releases its streams, and no one encodes again until
   its OS thread, with its C++ ``thread_local`` destructors, is gone;
 - ``mx.clear_cache`` (which frees device memory) is exclusive.
+
+Opt-in (``MLX_THREADSAFE_CUDA_GATE=on``) until the evidence on a GPU covers this version.
 """
 
 import os
@@ -25,6 +27,7 @@ from ... import streams
 from ..common.thread_adoption import AdoptionLayerPatch, Use
 
 _TASKS = "/proc/self/task"
+SWITCH = "MLX_THREADSAFE_CUDA_GATE"
 
 
 class Gate:
@@ -66,6 +69,7 @@ class Gate:
 
     def _still_ending(self) -> bool:
         self._ending = {tid for tid in self._ending if os.path.exists(f"{_TASKS}/{tid}")}
+        self._ending.discard(threading.get_native_id())  # a thread never waits for its own end
         return bool(self._ending)
 
 
@@ -74,10 +78,11 @@ _local = threading.local()
 _original_async_eval: Any = None  # mx.async_eval as MLX made it, while the patch is on
 
 
-def _end_exclusively() -> None:
+def _release_exclusively(release) -> None:
+    # On the ending thread, after its own end steps (which may still evaluate).
     _gate.enter_exclusive()
     try:
-        streams.release_thread_streams()
+        release()
     finally:
         _gate.leave_exclusive(threading.get_native_id())
 
@@ -86,7 +91,7 @@ def _first_use() -> None:
     import mlx.core as mx
 
     _local.seen = True
-    streams.at_thread_end(_end_exclusively)
+    streams.adopt_current_thread()  # so that its end releases its streams (through the gate)
     _gate.enter_exclusive()
     try:
         warm = mx.ones((16, 16))
@@ -123,7 +128,7 @@ def _exclusive(wrapped, instance, args, kwargs):
 
 class CudaCaptureGatePatch(AdoptionLayerPatch):
     # mx.eval encodes inside the gate (the layer's before_eval), then waits for its results outside it.
-    use = Use(cleanup=True, before_eval=_encode)
+    use = Use(cleanup=True, before_eval=_encode, around_release=_release_exclusively)
 
     def _apply_with_layer(self, mlx_core: ModuleType) -> None:
         global _original_async_eval
@@ -139,4 +144,4 @@ class CudaCaptureGatePatch(AdoptionLayerPatch):
 PATCH = CudaCaptureGatePatch(id="mlx.cuda_capture_gate", package="mlx", trigger="mlx.core",
                              target="mlx.core.async_eval",
                              description="CUDA encoding shared, a thread's first use and end exclusive",
-                             backends=["cuda"])
+                             backends=["cuda"], enabled_by=(SWITCH, "on"))
