@@ -1,4 +1,4 @@
-"""Continuous batching for unchanged threaded programs (opt-in; issue 30).
+"""Continuous batching for unchanged threaded programs (opt-in).
 
 With the mode on, every ``mlx_lm.stream_generate`` call (and so ``mlx_lm.generate``)
 that a ``BatchGenerator`` can serve joins one batch per model instead of running its

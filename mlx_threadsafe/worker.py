@@ -1,7 +1,6 @@
 """Worker: one OS thread that owns MLX state, and a queue of work for it.
 
-Move 2 of the design, on the contract of Emily.Stream's worker: the thread creates
-its stream on itself; the queue is bounded and fails fast when full; waiting can
+The thread creates its stream on itself; the queue is bounded and fails fast when full; waiting can
 time out; close() cancels the backlog (callers get WorkerClosed instead of hanging)
 but lets the operation in flight finish, then releases the thread's MLX resources
 on the thread itself. At exit an operation still in flight after a second is
