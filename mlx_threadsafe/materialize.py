@@ -6,20 +6,23 @@ which leaves out ``_``-prefixed attributes (``rope._freqs``), arrays in tuples a
 objects, and LoRA adapters.
 """
 
-from __future__ import annotations
-
 import sys
-import types
 
 TYPE_CHECKING = False
-if TYPE_CHECKING:  # `import mlx_threadsafe` loads this module: no typing at start-up
+if TYPE_CHECKING:  # `import mlx_threadsafe` loads this module: no typing (or types) at start-up
     from typing import Any, List
 
-_LEAF_TYPES = (str, bytes, int, float, complex, bool, type(None), types.ModuleType, type,
-               types.FunctionType, types.BuiltinFunctionType, types.MethodType)
+
+def _function() -> None:
+    pass
 
 
-def reachable_arrays(obj: Any, into_objects: bool = True) -> List[Any]:
+# types.ModuleType, FunctionType, BuiltinFunctionType and MethodType, without importing types.
+_LEAF_TYPES = (str, bytes, int, float, complex, bool, type(None), type(sys), type,
+               type(_function), type(len), type(_function.__get__(0)))
+
+
+def reachable_arrays(obj: "Any", into_objects: bool = True) -> "List[Any]":
     """Every distinct ``mx.array`` reachable from `obj`.
 
     Walks module children and attributes (``_`` keys included: an ``nn.Module`` is a
@@ -50,7 +53,7 @@ def reachable_arrays(obj: Any, into_objects: bool = True) -> List[Any]:
     return found
 
 
-def hand_over(value: Any) -> Any:
+def hand_over(value: "Any") -> "Any":
     """Evaluate what `value` holds before it is handed to another thread; returns `value`.
 
     A lazy array belongs to the stream of the thread that built it, so a result
@@ -70,7 +73,7 @@ def hand_over(value: Any) -> Any:
     return value
 
 
-def materialize(obj: Any, into_objects: bool = True) -> int:
+def materialize(obj: "Any", into_objects: bool = True) -> int:
     """Evaluate, in one ``mx.eval`` on the calling thread, every array reachable from `obj`.
 
     Returns how many distinct arrays were evaluated (arrays already evaluated are

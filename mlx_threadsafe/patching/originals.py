@@ -8,8 +8,7 @@ records are also what the contract tests check identity against.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable, List
+from typing import Any, Callable, List, Tuple
 
 MISSING: Any = object()  # the owner had no attribute of its own by that name
 
@@ -20,14 +19,41 @@ def _own_attribute(owner: Any, name: str) -> Any:
     return namespace.get(name, MISSING) if namespace is not None else getattr(owner, name, MISSING)
 
 
-@dataclass(frozen=True)
 class Replacement:
-    """``owner.name`` was `before` (its own, or MISSING) and the patch made it `after`."""
+    """``owner.name`` was `before` (its own, or MISSING) and the patch made it `after`.
 
+    Read-only, compared by value (a plain class: a dataclass costs its start-up to build).
+    """
+
+    __slots__ = ("owner", "name", "before", "after")
     owner: Any
     name: str
     before: Any
     after: Any
+
+    def __init__(self, owner: Any, name: str, before: Any, after: Any) -> None:
+        for field, value in (("owner", owner), ("name", name), ("before", before), ("after", after)):
+            object.__setattr__(self, field, value)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"cannot assign to field {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"cannot delete field {name!r}")
+
+    def _fields(self) -> Tuple[Any, ...]:
+        return (self.owner, self.name, self.before, self.after)
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        return self._fields() == other._fields()
+
+    def __hash__(self) -> int:
+        return hash(self._fields())
+
+    def __repr__(self) -> str:
+        return "Replacement(owner={!r}, name={!r}, before={!r}, after={!r})".format(*self._fields())
 
     def current(self) -> Any:
         """What the owner holds by that name now, as its own (MISSING if nothing)."""

@@ -16,7 +16,6 @@ import logging
 import sys
 import threading
 import weakref
-from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, Optional, Sequence
 
@@ -39,7 +38,6 @@ _generator_names = itertools.count()
 _QUEUING_METHODS = frozenset({"insert", "insert_segments"})
 
 
-@dataclass
 class Owner:
     """Who runs a generator's calls.
 
@@ -52,13 +50,17 @@ class Owner:
     concrete stream never moves: that stream cannot be used anywhere else.
     """
 
-    thread: threading.Thread
-    worker: Optional[Worker]
-    dedicated: bool  # a Worker made for this generator alone, closed with it
-    pinned: bool = False  # runs on its builder's concrete stream
-    stepped: bool = False  # its builder has made calls that leave lazy state
-    handed_over: bool = False  # its builder ended and evaluated the generator's state
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    __slots__ = ("thread", "worker", "dedicated", "pinned", "stepped", "handed_over", "lock")
+
+    def __init__(self, thread: threading.Thread, worker: Optional[Worker], dedicated: bool,
+                 pinned: bool = False) -> None:
+        self.thread = thread
+        self.worker = worker
+        self.dedicated = dedicated  # a Worker made for this generator alone, closed with it
+        self.pinned = pinned  # runs on its builder's concrete stream
+        self.stepped = False  # its builder has made calls that leave lazy state
+        self.handed_over = False  # its builder ended and evaluated the generator's state
+        self.lock = threading.Lock()
 
     def is_current(self) -> bool:
         return threading.current_thread() is self.thread

@@ -22,7 +22,7 @@ import wrapt
 from ...errors import LazyModelUsedOffThread, TargetMissing, is_thread_error
 from ...materialize import materialize
 from ...patching.homes import module_attribute
-from ...patching.rebind import rebind_everywhere
+from ...patching.rebind import rebind_everywhere_many
 from ...registry import Patch
 
 _depth = threading.local()
@@ -57,19 +57,18 @@ class LoadMaterializePatch(Patch):
         self._load_hooks: List[Callable[[Any], None]] = []
 
     def _apply(self, module: ModuleType) -> None:
-        wrapped = 0
+        pairs: List[Tuple[Any, Any]] = []
         for module_name, name in self.targets:
             try:
                 original = module_attribute(module_name, name)
             except TargetMissing:
                 continue
-            if isinstance(original, wrapt.FunctionWrapper):
+            if isinstance(original, wrapt.FunctionWrapper) or any(original is seen for seen, _ in pairs):
                 continue  # the same function reached through another target
-            replacement = wrapt.FunctionWrapper(original, self._after_load(original))
-            rebind_everywhere(original, replacement, self.originals)
-            wrapped += 1
-        if not wrapped:
+            pairs.append((original, wrapt.FunctionWrapper(original, self._after_load(original))))
+        if not pairs:
             raise TargetMissing("none of " + ", ".join(f"{m}.{n}" for m, n in self.targets) + " exists")
+        rebind_everywhere_many(pairs, self.originals)  # wrapped first, then one pass over the heap
 
     def revert(self) -> None:
         super().revert()
