@@ -24,7 +24,7 @@ import wrapt
 from ... import streams
 from ...errors import MlxThreadsafeWarning
 from ...patching.originals import Originals
-from ...patching.rebind import rebind_everywhere
+from ...patching.rebind import rebind_everywhere_many
 from ...registry import Patch
 
 # Modules that compile samplers with the random state captured at import.
@@ -121,9 +121,8 @@ def _recompile_imported_samplers(originals: Originals) -> None:
         # Only the samplers change: every other name keeps the object it had, so that
         # classes and functions other modules hold stay the module's own.
         vars(module).update(before)
-        for attribute, sampler in recompiled.items():
-            if isinstance(sampler, CompiledPerThread) and attribute in before:
-                rebind_everywhere(before[attribute], sampler, originals)
+        rebind_everywhere_many([(before[attribute], sampler) for attribute, sampler in recompiled.items()
+                                if isinstance(sampler, CompiledPerThread) and attribute in before], originals)
 
 
 class CompileRandomStatePatch(Patch):
