@@ -69,6 +69,7 @@ ROOT = os.path.dirname(HERE)
 TESTS = os.path.join(ROOT, "tests")
 RESULTS = os.path.join(HERE, "results", "abort-rates.json")
 MARKDOWN = os.path.join(HERE, "abort_rates.md")
+FINDINGS = os.path.join(HERE, "abort_scenarios", "findings.md")  # written by hand; `summary` appends it
 ZYGOTE = os.path.join(HERE, "abort_scenarios", "zygote.py")
 ABOUT = "python -m benchmarks.abort_rates run --scenario NAME --runs N: exit-sensitive scenarios, per side"
 PORTS = (45100, 45199)
@@ -133,6 +134,7 @@ class Run:
     counts: Optional[Dict[str, int]] = None  # scenario extras (per-rank aborts, launcher outlived ...)
     values: Optional[Dict[str, float]] = None  # scenario extras kept as lists (launcher lag)
     crash_override: Optional[str] = None  # a signature made by the scenario (several ranks)
+    example_text: Optional[str] = None  # the excerpt kept for it
 
     @property
     def terminate_called(self) -> bool:
@@ -151,6 +153,8 @@ class Run:
         return signature(self.rc, self.hung, fault(self.stderr))
 
     def example(self) -> str:
+        if self.example_text is not None:
+            return self.example_text
         info = fault(self.stderr)
         head = [line for line in (info["terminate"], info["what"], info["fatal"]) if line]
         return "\n".join(head + info["stack"]) or self.stderr[-1500:]
@@ -304,7 +308,7 @@ def _ring():
 
 
 def _group_listing(pgid: int) -> str:
-    done = subprocess.run(["ps", "-o", "pid,ppid,stat,wchan:24,etimes,args", "-g", str(pgid)],
+    done = subprocess.run(["ps", "-L", "-o", "pid,lwp,ppid,stat,wchan:24,etimes,args", "--sid", str(pgid)],
                           capture_output=True, text=True)
     return done.stdout
 
@@ -312,65 +316,91 @@ def _group_listing(pgid: int) -> str:
 def _ranks_run(ranks, began: float, lag: Optional[float], outlived: bool, clean_rcs: Sequence[int],
                check: Callable[[Any], Optional[str]], diagnosis: str = "") -> Run:
     crashes, counts = [], {"launcher_outlived_ranks": int(outlived), "launcher_timed_out": int(ranks.timed_out)}
+    examples = []
     for rank in ranks:
         crashed = rank.returncode not in clean_rcs or "terminate called" in rank.stderr
         counts[f"rank{rank.rank}_crashed"] = int(crashed)
         if crashed:
-            crashes.append(f"rank {rank.rank}: " + signature(rank.returncode, rank.returncode is None,
-                                                               fault(rank.stderr)))
+            info = fault(rank.stderr)
+            crashes.append(f"rank {rank.rank}: " + signature(rank.returncode, rank.returncode is None, info))
+            examples.append(f"--- rank {rank.rank} (exit {rank.returncode})\n" + "\n".join(
+                [line for line in (info["terminate"], info["what"], info["fatal"]) if line] + info["stack"]))
     stderr = "\n".join(f"--- rank {rank.rank}\n{rank.stderr[-6000:]}" for rank in ranks)
+    if outlived or ranks.timed_out:
+        launcher = f"--- launcher: SIGABRT (faulthandler), then the group SIGKILLed\n{ranks.launcher_stderr[-3000:]}"
+        examples.append(f"{launcher}\n--- the group then (ps -L)\n{diagnosis}")
     if outlived:
-        stderr += f"\n--- launcher (SIGABRT after {LAUNCHER_GRACE:.0f} s)\n{ranks.launcher_stderr[-6000:]}\n{diagnosis}"
         crashes.append("mlx.launch outlived its ranks by more than 30 s: " + signature(
             None, True, fault(ranks.launcher_stderr)))
     rcs = [rank.returncode for rank in ranks]
     worst = next((rc for rc in rcs if rc not in clean_rcs), 0)
     run = Run(worst, time.monotonic() - began, stderr, hung=ranks.timed_out, counts=counts,
-              crash_override="; ".join(crashes))
+              crash_override="; ".join(crashes), example_text="\n".join(examples))
     run.check_failed = check(ranks)
     if lag is not None:
         run.values = {"launcher_lag_s": round(lag, 2)}
     return run
 
 
+def _watch(ring, deadline: float) -> Dict[str, Any]:
+    """Wait for mlx.launch to return: at most LAUNCHER_GRACE s after both ranks' exits, and not past `deadline`.
+
+    A launcher still running LAUNCHER_GRACE s after its ranks gets SIGABRT first, so that
+    faulthandler writes every thread of mlx.launch into its stderr (the group listing from `ps`
+    is kept too); past `deadline` (ranks still running) the whole group gets SIGABRT. Then
+    the group is SIGKILLed, whatever happened.
+    """
+    records = [os.path.join(ring.dir, f"rank{r}.json") for r in range(ring.n)]
+    out: Dict[str, Any] = {"outlived": False, "lag": None, "diagnosis": ""}
+    ranks_done: Optional[float] = None
+    launcher_end: Optional[float] = None
+    while True:
+        now = time.monotonic()
+        if ring.proc.poll() is not None:
+            launcher_end = time.time()
+            break
+        if ranks_done is None and all(os.path.exists(path) for path in records):
+            ranks_done = now
+        if ranks_done is not None and now - ranks_done > LAUNCHER_GRACE:
+            out["outlived"] = True
+            out["diagnosis"] = _group_listing(ring.pgid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(ring.proc.pid, signal.SIGABRT)  # faulthandler: where mlx.launch is stuck
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                ring.proc.wait(timeout=5)
+            break
+        if ranks_done is None and now > deadline:
+            ring.timed_out = True
+            out["diagnosis"] = _group_listing(ring.pgid)
+            ring.signal_group(signal.SIGABRT)  # faulthandler, in every rank and in the launcher
+            time.sleep(3)
+            break
+        time.sleep(0.05)
+    ring.signal_group(signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        ring.proc.wait(timeout=30)
+    exits = [os.path.getmtime(path) for path in records if os.path.exists(path)]
+    if launcher_end is not None and len(exits) == ring.n:
+        out["lag"] = max(0.0, launcher_end - max(exits))  # the wrapper writes rank{r}.json as its rank ends
+    return out
+
+
+def _ring_env(side: str, **extra: str) -> Dict[str, str]:
+    env = {"PYTHONFAULTHANDLER": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **extra}
+    if side == "shim":
+        env["MLX_THREADSAFE"] = "1"  # the launcher's environment: mlx.launch and every rank
+    return env
+
+
 def two_rank_exit(side: str, timeout: float) -> Run:
     ring_launch = _ring()
     from mlx_threadsafe.testing import build_lm
 
-    env = {"MLX_RING_WRAPPER_EXIT0": "1", "PYTHONFAULTHANDLER": "1", "HF_HUB_OFFLINE": "1"}
-    if side == "shim":
-        env["MLX_THREADSAFE"] = "1"
     began = time.monotonic()
-    outlived, lag, diagnosis = False, None, ""
+    # MLX_RING_WRAPPER_EXIT0: one rank's abort does not get the other SIGTERMed by mlx.launch.
+    env = _ring_env(side, MLX_RING_WRAPPER_EXIT0="1")
     with ring_launch.start("rank_thread_exit.py", n=2, env=env, args=[str(build_lm("llama"))]) as ring:
-        records = [os.path.join(ring.dir, f"rank{r}.json") for r in range(2)]
-        ranks_done: Optional[float] = None
-        launcher_end = None
-        while True:
-            now = time.monotonic()
-            if ring.proc.poll() is not None:
-                launcher_end = time.time()
-                break
-            if ranks_done is None and all(os.path.exists(path) for path in records):
-                ranks_done = now
-            if ranks_done is not None and now - ranks_done > LAUNCHER_GRACE:
-                outlived = True
-                diagnosis = _group_listing(ring.pgid)
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(ring.proc.pid, signal.SIGABRT)  # faulthandler: where mlx.launch is stuck
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    ring.proc.wait(timeout=5)
-                break
-            if now - began > timeout:
-                ring.timed_out = True
-                break
-            time.sleep(0.05)
-        ring.signal_group(signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            ring.proc.wait(timeout=30)
-        exits = [os.path.getmtime(path) for path in records if os.path.exists(path)]
-        if launcher_end is not None and len(exits) == 2:
-            lag = max(0.0, launcher_end - max(exits))  # the wrapper writes rank{r}.json as its rank ends
+        watched = _watch(ring, began + timeout)
         ranks = ring.results()
 
     def check(ranks) -> Optional[str]:
@@ -380,27 +410,40 @@ def two_rank_exit(side: str, timeout: float) -> Run:
                 return f"rank {rank.rank}: {outcome}"
         return None
 
-    return _ranks_run(ranks, began, lag, outlived, (0,), check, diagnosis)
+    return _ranks_run(ranks, began, watched["lag"], watched["outlived"], (0,), check, watched["diagnosis"])
 
 
 def ring_server_sigint(side: str, timeout: float) -> Run:
-    _ring()
-    from distributed.serving import serve_on_ring
+    """tests/distributed/serving.py's serve_on_ring, with the launcher watched as in two_rank_exit."""
+    ring_launch = _ring()
+    from distributed.serving import concurrent_chats, server_argv, wait_listening
 
     from mlx_threadsafe.testing import build_lm
 
     began = time.monotonic()
-    out = serve_on_ring(str(build_lm("llama")), "env" if side == "shim" else "off", startup_timeout=timeout,
-                        stop_timeout=LAUNCHER_GRACE)
+    box: Dict[str, Any] = {"answers": [], "error": None}
+    with ring_launch.port_block() as ports:
+        http_port = ports[-1]
+        with ring_launch.start(server_argv(str(build_lm("llama")), http_port), n=2, env=_ring_env(side),
+                               ports=ports) as ring:
+            try:
+                wait_listening(http_port, lambda: ring.proc.poll() is None, timeout)
+                box["answers"] = concurrent_chats(http_port)
+                time.sleep(0.5)
+            except RuntimeError as error:
+                box["error"] = str(error)
+            ring.signal_group(signal.SIGINT)  # what a Ctrl-C in the launcher's terminal does
+            watched = _watch(ring, time.monotonic() + LAUNCHER_GRACE)
+            ranks = ring.results()
 
     def check(_ranks) -> Optional[str]:
-        answers = out["answers"] or []
-        if out["error"] or len(answers) != 4 or any(a.startswith("ERROR") for a in answers):
-            return f"{out['error']} {answers}"[:200]
+        answers = box["answers"]
+        if box["error"] or len(answers) != 4 or any(a.startswith("ERROR") for a in answers):
+            return f"{box['error']} {answers}"[:200]
         return None
 
-    run = _ranks_run(out["ranks"], began, out["stop_seconds"], out["killed_after_sigint"], (0, -signal.SIGINT),
-                     check)
+    run = _ranks_run(ranks, began, watched["lag"], watched["outlived"], (0, -signal.SIGINT), check,
+                     watched["diagnosis"])
     run.sigint_is_clean = True
     return run
 
@@ -614,6 +657,9 @@ def summary_text(records: Dict[str, Dict[str, Any]]) -> str:
                          f"{s['measured_on'].get('cpus')} CPUs, mlx {s['measured_on'].get('mlx')}, "
                          f"mlx-lm {s['measured_on'].get('mlx-lm')}, Python {s['measured_on'].get('python')}"])
     lines += table(["record", "started (UTC)", "runs", "crashed", "P", "load (1 min)", "machine"], rows)
+    if os.path.exists(FINDINGS):
+        with open(FINDINGS) as source:
+            lines += ["", source.read().rstrip()]
     return "\n".join(lines) + "\n"
 
 
