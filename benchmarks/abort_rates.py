@@ -29,7 +29,7 @@ Scenarios (`--scenario`):
 - `batch_generator_shared` / `batch_generator_shared_exec`: the scenario
   batch_generator_shared_by_2_threads (two threads drive one BatchGenerator), forked as above,
   or `python -m mlx_threadsafe.scenarios NAME [--shim]`; its JSON line must say ok.
-- `server_sigint`: tests/soak.py's driver: `mlx_lm.server` on the tiny model (MLX_THREADSAFE=1
+- `server_sigint`: harness/soak.py's driver: `mlx_lm.server` on the tiny model (MLX_THREADSAFE=1
   on the shim side), 3 concurrent requests and 1 hang-up, then SIGINT; the server must
   answer all and exit 0 within 30 s.
 - `two_rank_exit`: `mlx.launch --backend ring -n 2` on 127.0.0.1 (ports 45100-45199) of
@@ -282,9 +282,7 @@ def _tests_on_path() -> None:
 
 
 def server_sigint(side: str, timeout: float) -> Run:
-    _tests_on_path()
-    import soak  # tests/soak.py
-
+    from harness import soak
     from mlx_threadsafe.testing import build_lm
 
     began = time.monotonic()
@@ -467,7 +465,7 @@ SCENARIOS: Dict[str, Scenario] = {
                                        forked("batch_generator_shared", check=True), 50, 2, 120),
     "batch_generator_shared_exec": Scenario("python -m mlx_threadsafe.scenarios batch_generator_shared_by_2_threads",
                                             "exec", each_run(batch_shared_exec), 20, 2, 120),
-    "server_sigint": Scenario("mlx_lm.server, 3 requests + 1 hang-up, then SIGINT (tests/soak.py)", "exec",
+    "server_sigint": Scenario("mlx_lm.server, 3 requests + 1 hang-up, then SIGINT (harness/soak.py)", "exec",
                               each_run(server_sigint), 10, 1, 120),
     "two_rank_exit": Scenario("mlx.launch --backend ring -n 2: rank_thread_exit.py; launcher return", "launcher",
                               each_run(two_rank_exit), 5, 1, 150),

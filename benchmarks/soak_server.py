@@ -36,9 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Dict, List, Optional, Tuple
 
 from harness.evidence import machine, today, write_json
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
-from soak import _free_port, _wait_listening  # noqa: E402 - tests/soak.py: the same start-up as the tests
+from harness.soak import free_port, wait_listening
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results", "soak-server.json")
@@ -169,7 +167,7 @@ def soak(requests: int, concurrency: int, via: str, every: int, timeout: float =
 
     model = str(build_lm("qwen3"))
     _MODEL[0] = model
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1",
                PYTHONFAULTHANDLER="1")
     env.pop("MLX_THREADSAFE", None)
@@ -186,7 +184,7 @@ def soak(requests: int, concurrency: int, via: str, every: int, timeout: float =
     samples: List[Dict[str, Any]] = []
     exit_info: Dict[str, Any] = {}
     try:
-        _wait_listening(port, process, 120)
+        wait_listening(port, process, 120)
         reference: Dict[Tuple[str, str], str] = {}
         for endpoint in ("chat", "text"):
             for prompt in PROMPTS:

@@ -2,13 +2,14 @@
 
 Each soak is a real `mlx_lm.server` process on 127.0.0.1 with a tiny offline model:
 16 concurrent clients (chat and text completions, streaming and not), 4 more that hang
-up mid-stream, then SIGINT. See tests/soak.py for what is counted.
+up mid-stream, then SIGINT. See harness/soak.py for what is counted.
 """
 
 import pytest
 from helpers import run_python
 from releases import release_python
-from soak import soak
+
+from harness.soak import soak
 
 RELEASES = ["0.30.7", "0.31.1", "0.31.3", "0.32.2"]
 FAILING_WITHOUT_SHIM = ["0.30.7", "0.31.1"]  # module stream made on the importing thread

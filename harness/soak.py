@@ -1,8 +1,8 @@
 """A soak of a real, unchanged model server: concurrent clients, then SIGINT.
 
-Used by the server tests and the compat-matrix harness:
+Used by the server tests and the benchmarks (soak_server, abort_rates):
 
-    python tests/soak.py --python PY --model DIR [--server mlx_lm.server] [--via none|run|env]
+    python -m harness.soak --python PY --model DIR [--server mlx_lm.server] [--via none|run|env]
 
 starts ``PY -m SERVER --model DIR`` on 127.0.0.1, sends ``clients`` concurrent requests
 (chat and text completions, streaming and not) while ``hang_ups`` more clients start a
@@ -59,13 +59,13 @@ class SoakResult:
         return text
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
 
 
-def _wait_listening(port: int, process: subprocess.Popen, timeout: float) -> None:
+def wait_listening(port: int, process: subprocess.Popen, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -153,7 +153,7 @@ def _bad_stderr_lines(lines: List[str]) -> List[str]:
 
 def soak(python: str, model: str, server: str = "mlx_lm.server", via: str = "none", clients: int = 16,
          hang_ups: int = 4, startup_timeout: float = 120.0, request_timeout: float = 120.0) -> SoakResult:
-    port = _free_port()
+    port = free_port()
     # faulthandler: a server that does not exit after SIGINT gets SIGABRT, and its stderr then
     # shows where every thread was stuck.
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1",
@@ -171,7 +171,7 @@ def soak(python: str, model: str, server: str = "mlx_lm.server", via: str = "non
         outcomes: List[str] = []
         retries: List[int] = []
         try:
-            _wait_listening(port, process, startup_timeout)
+            wait_listening(port, process, startup_timeout)
 
             def client(index: int, hang_up: bool) -> None:
                 try:
