@@ -88,11 +88,17 @@ class _ThreadEnd:
             # A Worker's thread owns its streams: it is waited for even without the patch.
             if len(_ending_native_ids) > _PRUNE_ABOVE:
                 _ending_native_ids.difference_update([tid for tid in list(_ending_native_ids)
-                                                      if not _os_thread_alive(tid)])
+                                                      if not os_thread_alive(tid)])
             _ending_native_ids.add(self.native_id)
 
 
-def _os_thread_alive(native_id: int) -> bool:
+def sees_os_threads() -> bool:
+    """Whether this platform shows the process's OS threads (Linux ``/proc/self/task``)."""
+    return os.path.isdir(_TASKS)
+
+
+def os_thread_alive(native_id: int) -> bool:
+    """Whether the OS thread `native_id` still runs (its C++ destructors too); see `sees_os_threads`."""
     return os.path.exists(f"{_TASKS}/{native_id}")
 
 
@@ -104,11 +110,11 @@ def wait_for_ended_threads(timeout: float = 1.0) -> None:
     sleeping releases the GIL their destructors need. Linux only (``/proc/self/task``);
     elsewhere it returns at once.
     """
-    if not os.path.isdir(_TASKS):
+    if not sees_os_threads():
         return
     deadline = time.monotonic() + timeout
     for native_id in list(_ending_native_ids):
-        while _os_thread_alive(native_id):
+        while os_thread_alive(native_id):
             if time.monotonic() > deadline:
                 log.debug("thread %s still running its thread_local destructors at exit", native_id)
                 return
@@ -124,11 +130,11 @@ def wait_for_thread(thread: threading.Thread, timeout: float) -> bool:
     stopped while the thread still runs. Elsewhere ``join(timeout)``.
     """
     native_id = getattr(thread, "native_id", None)
-    if native_id is None or not os.path.isdir(_TASKS):
+    if native_id is None or not sees_os_threads():
         thread.join(timeout)
         return not thread.is_alive()
     deadline = time.monotonic() + timeout
-    while _os_thread_alive(native_id):
+    while os_thread_alive(native_id):
         if time.monotonic() > deadline:
             return False
         time.sleep(0.005)

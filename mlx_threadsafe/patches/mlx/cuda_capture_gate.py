@@ -16,7 +16,6 @@ run on any number of threads at once and keeps those calls apart from it:
 Opt-in (``MLX_THREADSAFE_CUDA_GATE=on``) until the evidence on a GPU covers this version.
 """
 
-import os
 import threading
 from types import ModuleType
 from typing import Any
@@ -26,7 +25,6 @@ import wrapt
 from ... import streams
 from ..common.thread_adoption import AdoptionLayerPatch, Use
 
-_TASKS = "/proc/self/task"
 SWITCH = "MLX_THREADSAFE_CUDA_GATE"
 
 
@@ -62,13 +60,13 @@ class Gate:
 
     def leave_exclusive(self, ending_native_id: "int | None" = None) -> None:
         with self._condition:
-            if ending_native_id is not None and os.path.isdir(_TASKS):
+            if ending_native_id is not None and streams.sees_os_threads():
                 self._ending.add(ending_native_id)
             self._exclusive = False
             self._condition.notify_all()
 
     def _still_ending(self) -> bool:
-        self._ending = {tid for tid in self._ending if os.path.exists(f"{_TASKS}/{tid}")}
+        self._ending = {tid for tid in self._ending if streams.os_thread_alive(tid)}
         self._ending.discard(threading.get_native_id())  # a thread never waits for its own end
         return bool(self._ending)
 
