@@ -4,6 +4,7 @@
 # part 01 and the mlx, mlx-lm and wrapt wheels carried in .whl/b by this one.
 #   bash benchmarks/cuda_capture/gpu.sh stage1   # install; cost ABBA; rates no_shim / shim
 #   bash benchmarks/cuda_capture/gpu.sh stage2   # diagnostics and top-ups (machine still warm)
+#   bash benchmarks/cuda_capture/gpu.sh sweep|gate_rates|gate_cost   # mlx.cuda_capture_gate: evidence, rates, cost
 set -uo pipefail
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$REPO"
@@ -16,8 +17,8 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 export PYTHONPATH=/tmp/site:$REPO MLX_THREADSAFE_MODEL_CACHE=/root/models HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 left() { echo $(( $1 - ($(date +%s) - START) )); }
 if [ ! -d /tmp/site/mlx ]; then
-  cat /root/whl/cuda.part00 .whl/b/cuda.part01 > /root/whl/mlx_cuda_13-0.32.4-py3-none-manylinux_2_35_x86_64.whl
-  cp .whl/b/*.whl /root/whl/
+  cat /root/whl/cuda.part00 "${WHEELS_B:-.whl/b}"/cuda.part01 > /root/whl/mlx_cuda_13-0.32.4-py3-none-manylinux_2_35_x86_64.whl
+  cp "${WHEELS_B:-.whl/b}"/*.whl /root/whl/
   python3 -m pip install -q --no-index --no-deps --no-compile --disable-pip-version-check --target /tmp/site /root/whl/*.whl || exit 1
 fi
 nvidia-smi | head -15
@@ -34,6 +35,20 @@ case "$1" in
   stage2)
     python3 -m benchmarks.cuda_capture.run rates --out "$RES/rates.json" --runs ${RUNS:-shim=25 no_shim_load_barrier=25 no_shim_both_barriers=25} \
       --parallel 8 --deadline "$(left ${BUDGET:-300})"
+    ;;
+  sweep)  # the CI subset of releases with the gate on: the sweep that found the handoff hang
+    mkdir -p "$RES/sweep"
+    MLX_THREADSAFE_CUDA_GATE=on OUT="$RES/sweep" JOBS=${JOBS:-8} timeout "${BUDGET:-540}" \
+      bash compat_matrix/gpu_run.sh || echo "gpu_run.sh exited $?"
+    cp "$RES"/sweep/* "$OUT"/ 2>/dev/null
+    ;;
+  gate_rates)
+    python3 -m benchmarks.cuda_capture.run rates --out "$RES/rates-gate-3.json" --runs ${RUNS:-shim_gate=64 no_shim=64} \
+      --parallel 8 --deadline "$(left ${BUDGET:-480})"
+    ;;
+  gate_cost)  # the gate alone toggled, in one process
+    timeout "${BUDGET:-300}" python3 -m benchmarks.cuda_capture.run inprocess --toggle gate --pairs ${PAIRS:-16} \
+      --tokens 256 --out "$RES/cost-gate-toggle.json"
     ;;
 esac
 echo "finished at $(( $(date +%s) - START )) s"

@@ -39,7 +39,8 @@ CAPTURE_ERROR = "cudaStreamEndCapture"
 # name -> (shim?, extra environment, child flags)
 CONFIGS: Dict[str, Any] = {
     "no_shim": (False, {}, []),
-    "shim": (True, {}, []),  # the shim as installed by default: graphs on, mlx.cuda_capture_gate on
+    "shim": (True, {}, []),  # the shim as installed by default
+    "shim_gate": (True, {"MLX_THREADSAFE_CUDA_GATE": "on"}, []),  # with mlx.cuda_capture_gate, while opt-in
     "shim_no_gate": (True, {"MLX_THREADSAFE_DISABLE": "mlx.cuda_capture_gate"}, []),
     "shim_graphs_off": (True, {"MLX_THREADSAFE_CUDA_GRAPHS": "off"}, []),  # the opt-in fix
     # diagnostics
@@ -265,7 +266,11 @@ def measure(args) -> None:
 
 
 def inprocess(args) -> None:
-    """One process: generate_step tokens/s with the shim off and on, alternating (ABBA) on the same model."""
+    """One process: generate_step tokens/s with the shim off and on, alternating (ABBA) on the same model.
+
+    ``--toggle shim``: off is no shim at all; ``--toggle gate``: off is the shim without
+    mlx.cuda_capture_gate, on the shim with it (MLX_THREADSAFE_CUDA_GATE=on is set here).
+    """
     import mlx.core as mx
     from mlx_lm import load
     from mlx_lm.generate import generate_step
@@ -278,7 +283,17 @@ def inprocess(args) -> None:
             pass
         return tokens / (time.perf_counter() - start)
 
-    result: Dict[str, Any] = {"pairs": args.pairs, "tokens": 128}
+    if args.toggle == "gate":
+        os.environ["MLX_THREADSAFE_CUDA_GATE"] = "on"
+
+    def switch(on: bool) -> None:
+        mlx_threadsafe.uninstall()
+        if on:
+            mlx_threadsafe.install()
+        elif args.toggle == "gate":
+            mlx_threadsafe.install(exclude=["mlx.cuda_capture_gate"])
+
+    result: Dict[str, Any] = {"pairs": args.pairs, "tokens": args.tokens, "toggle": args.toggle}
     for name in ("wide", "tiny"):
         model, _ = load(args.models[name])
         tokens_per_s(model, 16)
@@ -286,8 +301,8 @@ def inprocess(args) -> None:
         for index in range(args.pairs):
             pair = {}
             for side in ("off", "on") if index % 2 == 0 else ("on", "off"):
-                mlx_threadsafe.install() if side == "on" else mlx_threadsafe.uninstall()
-                pair[side] = tokens_per_s(model, 128)
+                switch(side == "on")
+                pair[side] = tokens_per_s(model, args.tokens)
             pairs.append(pair)
         mlx_threadsafe.uninstall()
         result[name] = {"off": statistics.median(p["off"] for p in pairs),
@@ -387,6 +402,8 @@ def main(argv=None) -> None:
     i = sub.add_parser("inprocess")
     i.add_argument("--out", required=True)
     i.add_argument("--pairs", type=int, default=10)
+    i.add_argument("--tokens", type=int, default=128)
+    i.add_argument("--toggle", choices=("shim", "gate"), default="shim")
     k = sub.add_parser("cost")
     k.add_argument("--out", required=True)
     k.add_argument("--pairs", type=int, default=2, help="UPPU blocks")
