@@ -6,7 +6,9 @@ One process, the shim installed. Each round runs, in ABBA order: N threads relea
 together, each iterating ``stream_generate`` (its own detokenizer, every
 GenerationResponse field) with the batch mode on; the same N prompts in one
 BatchGenerator driven by one thread (built before the clock starts, as the
-shared_model section does); and, for context, the N threads with the mode off. Every
+shared_model section does), tokens only; the same BatchGenerator with each request's
+tokens through a streaming detokenizer of its own (what a batching server does); and,
+for context, the N threads with the mode off. Every
 request decodes exactly `tokens` tokens (no EOS: a random model hits it at random).
 Latency per request is from the burst's start to its last token; p50 / p99 are over
 every request of every round. Then a lone caller, mode on against off, ABBA: what one
@@ -70,7 +72,11 @@ def batch_mode(path: str, smoke: bool, device: str, tiny: bool) -> Dict[str, Any
     def batch():
         return _batched_requests(model, prompts, tokens)
 
-    sides = {"threads_batch_mode": threads_on, "batch_generator": batch, "threads_mode_off": threads_off}
+    def batch_with_text():
+        return _batched_requests(model, prompts, tokens, tokenizer)
+
+    sides = {"threads_batch_mode": threads_on, "batch_generator": batch,
+             "batch_generator_with_text": batch_with_text, "threads_mode_off": threads_off}
     for side in sides.values():  # warm-up: compile caches, allocator, the batch Worker
         side()
     batching.reset_stats()
@@ -96,6 +102,9 @@ def batch_mode(path: str, smoke: bool, device: str, tiny: bool) -> Dict[str, Any
     paired = [n * tokens / max(a["finished"]) / (n * tokens / max(b["finished"]))
               for a, b in zip(runs["threads_batch_mode"], runs["batch_generator"])]
     results["threads_over_batch_generator"] = statistics.median(paired)
+    results["threads_over_batch_generator_with_text"] = statistics.median(
+        max(b["finished"]) / max(a["finished"])
+        for a, b in zip(runs["threads_batch_mode"], runs["batch_generator_with_text"]))
     paired_off = [max(b["finished"]) / max(a["finished"])
                   for a, b in zip(runs["threads_batch_mode"], runs["threads_mode_off"])]
     results["batch_mode_over_mode_off"] = statistics.median(paired_off)

@@ -383,19 +383,27 @@ def _next_responses(generator) -> tuple:
     return tuple(result) if isinstance(result, tuple) else ([], result)
 
 
-def batched_requests(model, prompts: List[List[int]], tokens: int) -> Dict[str, Any]:
-    """One BatchGenerator holding every request, driven by this thread (built before the clock starts)."""
+def batched_requests(model, prompts: List[List[int]], tokens: int, tokenizer: Any = None) -> Dict[str, Any]:
+    """One BatchGenerator holding every request, driven by this thread (built before the clock starts).
+
+    With a `tokenizer`, each request's tokens also go through a streaming detokenizer of its own, as a
+    server that batches turns each token into text.
+    """
     from mlx_lm.generate import BatchGenerator
 
     generator = BatchGenerator(model, max_tokens=tokens)
     start = time.perf_counter()
     uids = generator.insert(prompts, max_tokens=[tokens] * len(prompts))
     got: Dict[int, List[int]] = {uid: [] for uid in uids}
+    texts = {uid: tokenizer.detokenizer for uid in uids} if tokenizer is not None else {}
     done: Dict[int, float] = {}
     while True:
         prompt_responses, responses = _next_responses(generator)
         for response in responses:
             got[response.uid].append(int(response.token))
+            if texts:
+                texts[response.uid].add_token(int(response.token))
+                texts[response.uid].last_segment
             if response.finish_reason is not None:
                 done[response.uid] = time.perf_counter() - start
         if not prompt_responses and not responses:

@@ -9,6 +9,10 @@ caller stops iterating (the generator closed or collected) or when its own sampl
 logits processor raises. Each caller's iterator still yields the same
 ``GenerationResponse`` fields, its text from its own detokenizer.
 
+A call that finds no batch running starts alone, on its own thread, as without the mode
+(so a lone caller pays nothing); when another call comes, it moves into the batch at its
+next token, with its KV cache and its tokens so far.
+
 Turn it on with ``mlx_threadsafe.install(batch=True)``, the environment variable
 ``MLX_THREADSAFE_BATCH=1`` (read when the first call is routed, so it works with
 ``MLX_THREADSAFE=1`` too) or the pytest plugin's ``--mlx-threadsafe-batch``. Off by
@@ -91,6 +95,8 @@ def stats() -> Dict[str, Any]:
         result = {
             "enabled": enabled(),
             "batched_calls": _counters["batched"],
+            "started_alone": _counters["alone"],
+            "moved_into_batch": _counters["moved"],
             "direct_calls": _counters["direct"],
             "direct_reasons": dict(_direct_reasons),
             "left_early": _counters["left_early"],
@@ -196,6 +202,16 @@ def _forget(key: int, batch: "_ModelBatch") -> None:
     batch.close()
 
 
+def _inserts_caches() -> bool:
+    """Whether BatchGenerator.insert takes a request's cache and tokens so far (mlx-lm 0.32+): needed to move in."""
+    import inspect
+
+    from mlx_lm.generate import BatchGenerator
+
+    parameters = inspect.signature(BatchGenerator.insert).parameters
+    return "caches" in parameters and "all_tokens" in parameters
+
+
 def _caches_merge(model) -> bool:
     """Whether the model's prompt caches can join a batch (each cache type has a merge)."""
     try:
@@ -212,12 +228,15 @@ def _caches_merge(model) -> bool:
 
 class _Request:
     __slots__ = ("prompt", "max_tokens", "sampler", "logits_processors", "eos", "items", "uid", "error",
-                 "finished", "__weakref__")
+                 "finished", "cache", "history", "own_sampler", "own_processors", "__weakref__")
 
     def __init__(self, prompt: List[int], max_tokens: int, sampler, logits_processors, eos) -> None:
         self.prompt = prompt
         self.max_tokens = max_tokens
         self.eos = eos
+        self.cache: Optional[List[Any]] = None  # set when it moves in from alone: its KV cache so far
+        self.history: List[int] = []  # and the tokens before `prompt` (its logits processors see them)
+        self.own_sampler, self.own_processors = sampler, logits_processors  # as given: run alone
         self.items: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
         self.uid: Optional[int] = None
         self.error: Optional[BaseException] = None  # raised by its own sampler or logits processor
@@ -316,18 +335,11 @@ def _batched_stream(batch, tokenizer, prompt, max_tokens, sampler, logits_proces
     _evaluate_captured([sampler, *(logits_processors or ())])
     request = _Request(tokens, max_tokens, sampler, logits_processors, frozenset(eos))
     tic = time.perf_counter()
-    batch.join(request)
     prompt_tps = 0.0
     token, logprobs, n = None, None, 0
+    source = _tokens(batch, request)
     try:
-        while True:
-            item = request.items.get()
-            if isinstance(item, BaseException):
-                request.finished = True
-                raise item
-            token, logprobs, last = item
-            if last:
-                request.finished = True
+        for token, logprobs, last in source:
             if n == 0:
                 prompt_tps = len(tokens) / (time.perf_counter() - tic)
                 tic = time.perf_counter()
@@ -348,8 +360,71 @@ def _batched_stream(batch, tokenizer, prompt, max_tokens, sampler, logits_proces
                         peak_memory=mx.get_peak_memory() / 1e9,
                         finish_reason="stop" if token in eos else "length")
     finally:
+        source.close()  # ends the request's alone part, if it is in it
         if not request.finished:
             batch.leave(request)  # closed, collected or raised early: its sequence leaves at the next step
+
+
+def _tokens(batch, request: _Request):
+    """(token, logprobs, last) of a request: alone on the calling thread while no batch runs, then from the batch."""
+    if batch.start_alone():
+        _count("alone")
+        if not (yield from _alone(batch, request)):
+            return
+        _count("moved")
+    else:
+        batch.join(request)
+    while True:
+        item = request.items.get()
+        if isinstance(item, BaseException):
+            request.finished = True
+            raise item
+        if item[2]:
+            request.finished = True
+        yield item
+
+
+def _alone(batch, request: _Request):
+    """Generate as stream_generate does, on this thread, until another call wants the model.
+
+    Returns True once the request has joined the batch (its cache trimmed to the tokens
+    before its last one, which the batch feeds next), False when it finished here.
+    """
+    import mlx.core as mx
+    from mlx_lm.generate import generate_step
+    from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
+
+    model = batch.model_ref()
+    cache = make_prompt_cache(model)
+    steps = generate_step(mx.array(request.prompt), model, max_tokens=request.max_tokens,
+                          sampler=request.own_sampler, logits_processors=request.own_processors,
+                          prompt_cache=cache)
+    generated: List[int] = []
+    moving = False
+    try:
+        for token, logprobs in steps:
+            generated.append(token)
+            last = token in request.eos or len(generated) == request.max_tokens
+            yield token, logprobs, last
+            if last:
+                return False
+            moving = batch.running and can_trim_prompt_cache(cache)
+            if moving:
+                break
+        else:
+            return False
+    finally:
+        steps.close()
+        batch.end_alone()
+        request.finished = not moving
+    # The step in flight has already added the last token's keys and values: the batch feeds it again.
+    trim_prompt_cache(cache, 1)
+    mx.eval([c.state for c in cache])  # read on the batch's Worker
+    request.history = request.prompt + generated[:-1]
+    request.prompt, request.cache = generated[-1:], cache
+    request.max_tokens -= len(generated)
+    batch.join(request)
+    return True
 
 
 # ------------------------------------------------------------------ one model's batch, on its Worker
@@ -381,6 +456,8 @@ class _ModelBatch:
     def __init__(self, model) -> None:
         self.model_ref = weakref.ref(model)
         self.supported = _caches_merge(model)
+        self.moves_in = _inserts_caches()
+        self.alone = False  # a request generates alone on its caller's thread (it moves in when others come)
         self.lock = threading.Lock()
         self.incoming: List[_Request] = []
         self.leaving: List[_Request] = []
@@ -407,6 +484,18 @@ class _ModelBatch:
                 self.running = False
                 self.incoming.remove(request)
             request.items.put(error)
+
+    def start_alone(self) -> bool:
+        """Whether a request may start alone: no batch runs, no other request is alone."""
+        with self.lock:
+            if self.running or self.incoming or self.alone or not self.moves_in:
+                return False
+            self.alone = True
+            return True
+
+    def end_alone(self) -> None:
+        with self.lock:
+            self.alone = False
 
     def leave(self, request: _Request) -> None:
         with self.lock:
@@ -450,10 +539,13 @@ class _ModelBatch:
                             raise RuntimeError("the model was collected while requests were waiting")
                         generator = BatchGenerator(model, max_tokens=max(r.max_tokens for r in incoming))
                         del model
+                    moved_in = {}
+                    if any(r.cache is not None for r in incoming):
+                        moved_in = dict(caches=[r.cache for r in incoming], all_tokens=[r.history for r in incoming])
                     uids = generator.insert([r.prompt for r in incoming],
                                             max_tokens=[r.max_tokens for r in incoming],
                                             samplers=[r.sampler for r in incoming],
-                                            logits_processors=[r.logits_processors for r in incoming])
+                                            logits_processors=[r.logits_processors for r in incoming], **moved_in)
                     for uid, request in zip(uids, incoming):
                         request.uid = uid
                         active[uid] = request

@@ -119,6 +119,49 @@ def test_a_call_yields_the_fields_it_yields_without_the_mode():
     assert all(out["speeds"]), out
     assert out["sampler_rows"] == [1], out  # its own sampler, on its own row
     assert out["stats"]["batched_calls"] == 2, out["stats"]
+    assert out["stats"]["started_alone"] == 2 and out["stats"]["moved_into_batch"] == 0, out["stats"]
+
+
+def test_a_call_that_started_alone_moves_into_the_batch_when_others_come():
+    out = _run("""
+        no_eos = mx.where(mx.arange(300) == 2, -1e9, 0.0)
+        mx.eval(no_eos)
+        seen = []  # the lengths of the token history its logits processor is given, step by step
+        def processor(tokens, logits):
+            seen.append(int(tokens.shape[-1]))
+            return logits + no_eos
+        gen_module = __import__("importlib").import_module("mlx_lm.generate")
+        wrapped = gen_module.stream_generate.__wrapped__
+        want = [r.token for r in wrapped(model, tokenizer, prompt(0), max_tokens=40, logits_processors=[processor])]
+        seen.clear()
+        first, others_started = [], threading.Event()
+        def long_caller():
+            for r in stream_generate(model, tokenizer, prompt(0), max_tokens=40, logits_processors=[processor]):
+                first.append(r.token)
+                if len(first) == 3:
+                    others_started.wait(30)
+                    wait_until(lambda: batching.stats()["requests_in_batches"] > 0)  # the others' batch runs
+        thread = threading.Thread(target=long_caller)
+        thread.start()
+        wait_until(lambda: len(first) >= 3)
+        alone_then = batching.stats()
+        others_started.set()
+        in_threads(lambda i: list(stream_generate(model, tokenizer, prompt(i + 1), max_tokens=300)), 4)
+        thread.join()
+        print(json.dumps({"equal": first == want, "first": first, "want": want, "seen": seen,
+                          "prompt": len(prompt(0)), "alone_then": alone_then, "stats": batching.stats()}))
+    """)
+    stats = out["stats"]
+    assert out["alone_then"]["started_alone"] == 1 and out["alone_then"]["sequences_in_batches"] == 0, out
+    assert stats["moved_into_batch"] == 1 and stats["max_batch_size"] > 1, stats
+    assert out["equal"], out  # greedy, float32 on the CPU: the same tokens as one call alone
+    # Its processor saw the whole history on both sides of the move, one more token each step (and, as
+    # without the mode, a last look-ahead step). Once, at the move, it saw a step twice: the step in flight
+    # when it moved, dropped, and computed again in the batch.
+    seen = out["seen"]
+    steps = [length for i, length in enumerate(seen) if i == 0 or length != seen[i - 1]]
+    assert steps == list(range(out["prompt"], out["prompt"] + 41)) and len(seen) == len(steps) + 1, out
+    assert stats["sequences_in_batches"] == 0 and stats["requests_in_batches"] == 0, stats
 
 
 def test_with_the_mode_off_calls_run_as_before_and_nothing_is_batched():
