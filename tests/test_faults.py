@@ -313,9 +313,11 @@ def test_the_other_sequences_of_a_batch_generator_step_that_raised_keep_every_to
 def test_an_exception_in_the_batch_step_reaches_its_caller_as_without_the_batch_mode_and_the_batch_recovers():
     """The batch mode: a caller's logits processor returns None, so the BatchGenerator's own step raises.
 
-    The caller gets the exception type the same call raises without the batch mode, the
-    batch's Worker survives, and the calls that follow (8 threads at once) join a batch and
-    equal the one-at-a-time reference.
+    A first caller holds the model alone (paused after two tokens), so the failing call
+    goes into a batch. It gets the exception type the same call raises without the batch
+    mode; the first caller, not in that batch, goes on and equals the reference; the
+    batch's Worker survives, and the calls that follow (8 threads at once) join a batch
+    and equal the one-at-a-time reference.
     """
     out = _run("""
         def returns_none(context, logits):
@@ -329,10 +331,21 @@ def test_an_exception_in_the_batch_step_reaches_its_caller_as_without_the_batch_
         want = [tokens(i) for i in range(8)]
         without_batch = failure()
         mlx_threadsafe.install(batch=True)
+        first, failed_already = [], threading.Event()
+        def first_caller():
+            for r in stream_generate(model, tokenizer, prompt(1), max_tokens=12):
+                first.append(r.token)
+                if len(first) == 2:
+                    failed_already.wait(30)
+        holder = threading.Thread(target=first_caller)
+        holder.start()
+        wait_until(lambda: len(first) == 2)
         started = time.monotonic()
         with_batch = on_new_thread(failure)
         seconds = time.monotonic() - started
         failed = batching.stats()["failed"]
+        failed_already.set()
+        holder.join(30)
         results = [None] * 8
         gate = threading.Barrier(8)
         def run(i):
@@ -343,10 +356,11 @@ def test_an_exception_in_the_batch_step_reaches_its_caller_as_without_the_batch_
         for t in threads: t.join(30)
         stats = batching.stats()
         print(json.dumps({"without_batch": without_batch, "with_batch": with_batch, "seconds": seconds,
-                          "failed": failed, "equal": results == want, "stats": stats}))
+                          "failed": failed, "first": first == want[1], "equal": results == want, "stats": stats}))
     """)
     assert out["with_batch"] == out["without_batch"] == "TypeError", out
     assert out["failed"] == 1 and out["seconds"] < 30, out  # it went through the batch's step, and failed there
+    assert out["first"], out
     assert out["equal"] and out["stats"]["max_batch_size"] > 1, out
 
 
