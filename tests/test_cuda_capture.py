@@ -171,12 +171,8 @@ GATE = """
 """
 
 
-GATE_ON = {"MLX_THREADSAFE_CUDA_GATE": "on"}
-
-
 def test_capture_gate_serves_threads_the_reference_text_and_closes_while_a_thread_ends():
-    state, all_equal, closed, wrapped, still_wrapped = run_json(GATE.format(prelude=AS_CUDA), env=GATE_ON,
-                                                                timeout=300)
+    state, all_equal, closed, wrapped, still_wrapped = run_json(GATE.format(prelude=AS_CUDA), timeout=300)
     assert state == "applied" and all_equal and closed and wrapped and not still_wrapped
 
 
@@ -188,11 +184,12 @@ def test_capture_gate_lets_an_ending_thread_evaluate_its_end_steps():
     from mlx_threadsafe.scenarios.runner import main
     sys.exit(main(["batch_generator_handoff", "--shim"]))
     """
-    done = run_python(code, env=GATE_ON, timeout=120)
+    done = run_python(code, timeout=120)
     assert done.returncode == 0 and '"ok": true' in done.stdout, done.stdout + done.stderr[-2000:]
 
 
-def test_capture_gate_waits_for_its_opt_in():
+@pytest.mark.parametrize("disabled", [False, True])
+def test_capture_gate_is_on_by_default_on_cuda_and_off_when_disabled(disabled):
     code = AS_CUDA + """
     import json, mlx_threadsafe
     mlx_threadsafe.install()
@@ -200,13 +197,13 @@ def test_capture_gate_waits_for_its_opt_in():
     r = mlx_threadsafe.status()['mlx.cuda_capture_gate']
     print(json.dumps([str(r.state), hasattr(mx.async_eval, '__wrapped__')]))
     """
-    state, wrapped = run_json(code, env={"MLX_THREADSAFE_CUDA_GATE": ""})
-    assert state != "applied" and not wrapped
+    state, wrapped = run_json(code, env={"MLX_THREADSAFE_DISABLE": "mlx.cuda_capture_gate"} if disabled else {})
+    assert (state == "applied" and wrapped) if not disabled else (state != "applied" and not wrapped)
 
 
 def test_capture_gate_is_skipped_on_the_cpu_backend():
     code = "import json, mlx_threadsafe; mlx_threadsafe.install(); import mlx.core as mx; " \
            "r = mlx_threadsafe.status()['mlx.cuda_capture_gate']; print(json.dumps([str(r.state), r.reason, " \
            "hasattr(mx.async_eval, '__wrapped__')]))"
-    state, reason, wrapped = run_json(code, env=GATE_ON)
+    state, reason, wrapped = run_json(code)
     assert state == "skipped" and "cuda" in reason.lower() and not wrapped

@@ -21,6 +21,8 @@ def evidence():
 def _as_gpu(record, device=H200):
     gpu = copy.deepcopy(record)
     gpu.update(backend="cuda", device=device, installed={"python": "3.12.3", "transformers": "5.17.0"})
+    # what a CUDA run applies besides the CPU's patches (mlx.cuda_capture_gate)
+    gpu["applied"] = gpu["applied"] + [p for p in verify.planned_patches(gpu) if p not in gpu["applied"]]
     return gpu
 
 

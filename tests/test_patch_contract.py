@@ -35,14 +35,13 @@ PATCH_ENVIRONMENTS = {
     "mlx_vlm.BatchGenerator.close_guard": ("mlx-vlm==0.7.10", "0.32.4"),
     "mlx_vlm.generate_step.request_state": ("mlx-vlm==0.7.10", "0.32.4"),
     "mlx_vlm.server.stop_at_exit": ("mlx-vlm==0.7.10", "0.32.4"),
-    # CUDA only: this environment with the backend reported as CUDA (and the opt-in set).
+    # CUDA only: this environment with the backend reported as CUDA (and the graphs opt-in set).
     "mlx.cuda_capture_gate": "as-cuda-opted-in",
     "mlx.cuda_graph_capture": "as-cuda-opted-in",
 }
 AS_CUDA_OPTED_IN = AS_CUDA + """
     import os
     os.environ["MLX_THREADSAFE_CUDA_GRAPHS"] = "off"
-    os.environ["MLX_THREADSAFE_CUDA_GATE"] = "on"
 """
 PRELUDES = {"as-cuda-opted-in": AS_CUDA_OPTED_IN}
 

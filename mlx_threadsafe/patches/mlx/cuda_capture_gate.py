@@ -13,7 +13,8 @@ run on any number of threads at once and keeps those calls apart from it:
   its OS thread, with its C++ ``thread_local`` destructors, is gone;
 - ``mx.clear_cache`` (which frees device memory) is exclusive.
 
-Opt-in (``MLX_THREADSAFE_CUDA_GATE=on``) until the evidence on a GPU covers this version.
+On by default on CUDA (evidence: an H200, mlx-cuda-13 0.32.4); ``MLX_THREADSAFE_DISABLE=
+mlx.cuda_capture_gate`` turns it off.
 """
 
 import threading
@@ -25,33 +26,36 @@ import wrapt
 from ... import streams
 from ..common.thread_adoption import AdoptionLayerPatch, Use
 
-SWITCH = "MLX_THREADSAFE_CUDA_GATE"
-
 
 class Gate:
     """A reader/writer gate whose exclusive side outlasts the thread that took it (until its OS thread ends)."""
 
     def __init__(self) -> None:
-        self._condition = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
+        self._condition = threading.Condition(self._lock)
         self._shared = 0
         self._exclusive = False
         self._waiting_exclusive = 0
         self._ending: set = set()  # native ids of ended threads whose OS thread may still run destructors
 
+    # The shared side is taken on every evaluation: its common case is one lock, no Condition call.
     def enter_shared(self) -> None:
-        with self._condition:
+        with self._lock:
+            if not (self._exclusive or self._waiting_exclusive or self._ending):
+                self._shared += 1
+                return
             while self._exclusive or self._waiting_exclusive or (self._ending and self._still_ending()):
                 self._condition.wait(0.0005 if self._ending else None)
             self._shared += 1
 
     def leave_shared(self) -> None:
-        with self._condition:
+        with self._lock:
             self._shared -= 1
-            if not self._shared:
+            if not self._shared and self._waiting_exclusive:
                 self._condition.notify_all()
 
     def enter_exclusive(self) -> None:
-        with self._condition:
+        with self._lock:
             self._waiting_exclusive += 1
             while self._exclusive or self._shared or (self._ending and self._still_ending()):
                 self._condition.wait(0.0005 if self._ending else None)
@@ -59,7 +63,7 @@ class Gate:
             self._exclusive = True
 
     def leave_exclusive(self, ending_native_id: "int | None" = None) -> None:
-        with self._condition:
+        with self._lock:
             if ending_native_id is not None and streams.sees_os_threads():
                 self._ending.add(ending_native_id)
             self._exclusive = False
@@ -72,7 +76,8 @@ class Gate:
 
 
 _gate = Gate()
-_local = threading.local()
+_local = threading.local()  # .state: None before the thread's first use, then _SEEN, _INSIDE while encoding
+_SEEN, _INSIDE = "seen", "inside"
 _original_async_eval: Any = None  # mx.async_eval as MLX made it, while the patch is on
 
 
@@ -88,7 +93,7 @@ def _release_exclusively(release) -> None:
 def _first_use() -> None:
     import mlx.core as mx
 
-    _local.seen = True
+    _local.state = _SEEN
     streams.adopt_current_thread()  # so that its end releases its streams (through the gate)
     _gate.enter_exclusive()
     try:
@@ -99,16 +104,17 @@ def _first_use() -> None:
 
 
 def _encode(args: tuple) -> None:
-    if getattr(_local, "inside", False):  # an evaluation re-entered from Python code it ran
+    state = getattr(_local, "state", None)
+    if state is _INSIDE:  # an evaluation re-entered from Python code it ran
         return _original_async_eval(*args)
-    if not getattr(_local, "seen", False):
+    if state is None:
         _first_use()
     _gate.enter_shared()
-    _local.inside = True
+    _local.state = _INSIDE
     try:
         return _original_async_eval(*args)
     finally:
-        _local.inside = False
+        _local.state = _SEEN
         _gate.leave_shared()
 
 
@@ -142,4 +148,4 @@ class CudaCaptureGatePatch(AdoptionLayerPatch):
 PATCH = CudaCaptureGatePatch(id="mlx.cuda_capture_gate", package="mlx", trigger="mlx.core",
                              target="mlx.core.async_eval",
                              description="CUDA encoding shared, a thread's first use and end exclusive",
-                             backends=["cuda"], enabled_by=(SWITCH, "on"))
+                             backends=["cuda"])
