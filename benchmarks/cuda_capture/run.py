@@ -26,6 +26,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Dict, List
 
@@ -277,11 +278,25 @@ def inprocess(args) -> None:
 
     import mlx_threadsafe
 
-    def tokens_per_s(model, tokens: int) -> float:
-        start = time.perf_counter()
+    def one(model, tokens: int) -> None:
         for (_, _), _ in zip(generate_step(mx.array(PROMPT_IDS), model, max_tokens=tokens), range(tokens)):
             pass
-        return tokens / (time.perf_counter() - start)
+
+    pool = ThreadPoolExecutor(args.threads) if args.threads > 1 and args.pool else None
+
+    def tokens_per_s(model, tokens: int) -> float:
+        start = time.perf_counter()
+        if args.threads == 1:
+            one(model, tokens)
+        elif pool is not None:  # threads that stay (a server's pool, asyncio.to_thread)
+            list(pool.map(lambda _: one(model, tokens), range(args.threads)))
+        else:  # a new thread per request: each one's first use and end take the gate exclusively
+            threads = [threading.Thread(target=one, args=(model, tokens)) for _ in range(args.threads)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        return args.threads * tokens / (time.perf_counter() - start)
 
     def switch(on: bool) -> None:
         mlx_threadsafe.uninstall()
@@ -290,7 +305,8 @@ def inprocess(args) -> None:
         elif args.toggle == "gate":
             mlx_threadsafe.install(exclude=["mlx.cuda_capture_gate"])
 
-    result: Dict[str, Any] = {"pairs": args.pairs, "tokens": args.tokens, "toggle": args.toggle}
+    result: Dict[str, Any] = {"pairs": args.pairs, "tokens": args.tokens, "toggle": args.toggle,
+                              "threads": args.threads, "pool": args.pool}
     for name in ("wide", "tiny"):
         model, _ = load(args.models[name])
         tokens_per_s(model, 16)
@@ -401,6 +417,8 @@ def main(argv=None) -> None:
     i.add_argument("--pairs", type=int, default=10)
     i.add_argument("--tokens", type=int, default=128)
     i.add_argument("--toggle", choices=("shim", "gate"), default="shim")
+    i.add_argument("--threads", type=int, default=1, help="requests at once, each on its own thread")
+    i.add_argument("--pool", action="store_true", help="the threads of one pool, kept between samples")
     k = sub.add_parser("cost")
     k.add_argument("--out", required=True)
     k.add_argument("--pairs", type=int, default=2, help="UPPU blocks")
