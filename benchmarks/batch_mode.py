@@ -58,12 +58,20 @@ def batch_mode(path: str, smoke: bool, device: str, tiny: bool) -> Dict[str, Any
     tokenizer.eos_token_ids = set()  # exactly `tokens` per request on every side
     n = 2 if smoke else 8
     tokens = 8 if smoke else (128 if tiny or device == "gpu" else 48)
-    rounds = 2 if smoke else (8 if tiny else 4)
+    rounds = 2 if smoke else (8 if tiny else 6)
     prompts = [request_prompt(i) for i in range(n)]
 
     def threads_on():
         mlx_threadsafe.install(batch=True)
         return _threads(model, tokenizer, prompts, tokens)
+
+    def threads_on_never_alone():  # every call joins the batch, none starts alone
+        mlx_threadsafe.install(batch=True)
+        batching.START_ALONE = False
+        try:
+            return _threads(model, tokenizer, prompts, tokens)
+        finally:
+            batching.START_ALONE = True
 
     def threads_off():
         mlx_threadsafe.install(batch=False)
@@ -75,7 +83,8 @@ def batch_mode(path: str, smoke: bool, device: str, tiny: bool) -> Dict[str, Any
     def batch_with_text():
         return _batched_requests(model, prompts, tokens, tokenizer)
 
-    sides = {"threads_batch_mode": threads_on, "batch_generator": batch,
+    sides = {"threads_batch_mode": threads_on, "threads_batch_mode_never_alone": threads_on_never_alone,
+             "batch_generator": batch,
              "batch_generator_with_text": batch_with_text, "threads_mode_off": threads_off}
     for side in sides.values():  # warm-up: compile caches, allocator, the batch Worker
         side()
@@ -102,6 +111,9 @@ def batch_mode(path: str, smoke: bool, device: str, tiny: bool) -> Dict[str, Any
     paired = [n * tokens / max(a["finished"]) / (n * tokens / max(b["finished"]))
               for a, b in zip(runs["threads_batch_mode"], runs["batch_generator"])]
     results["threads_over_batch_generator"] = statistics.median(paired)
+    results["never_alone_over_batch_generator"] = statistics.median(
+        max(b["finished"]) / max(a["finished"])
+        for a, b in zip(runs["threads_batch_mode_never_alone"], runs["batch_generator"]))
     results["threads_over_batch_generator_with_text"] = statistics.median(
         max(b["finished"]) / max(a["finished"])
         for a, b in zip(runs["threads_batch_mode"], runs["batch_generator_with_text"]))

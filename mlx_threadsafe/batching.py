@@ -53,6 +53,7 @@ _SERVED_AS = {
     "prompt_progress_callback": (None,), "input_embeddings": (None,), "prefill_step_size": (2048,),
 }
 
+START_ALONE = True  # a call that finds no batch running starts alone (False: every call joins the batch)
 _enabled: Optional[bool] = None  # None: MLX_THREADSAFE_BATCH decides, at the first routed call
 _applied = False  # the patch is applied (a wrapper left in a module after uninstall passes through)
 _lock = threading.Lock()
@@ -488,7 +489,7 @@ class _ModelBatch:
     def start_alone(self) -> bool:
         """Whether a request may start alone: no batch runs, no other request is alone."""
         with self.lock:
-            if self.running or self.incoming or self.alone or not self.moves_in:
+            if self.running or self.incoming or self.alone or not self.moves_in or not START_ALONE:
                 return False
             self.alone = True
             return True

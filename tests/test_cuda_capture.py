@@ -207,3 +207,42 @@ def test_capture_gate_is_skipped_on_the_cpu_backend():
            "hasattr(mx.async_eval, '__wrapped__')]))"
     state, reason, wrapped = run_json(code)
     assert state == "skipped" and "cuda" in reason.lower() and not wrapped
+
+
+def test_capture_gate_never_lets_a_shared_holder_in_while_a_thread_holds_it_exclusively():
+    # The shared side takes no lock (a holder registers, then reads whether the gate is closed):
+    # 8 threads entering it in a loop and 2 taking it exclusively, for 2 s, never overlap.
+    code = """
+    import json, threading, time
+    from mlx_threadsafe.patches.mlx.cuda_capture_gate import Gate
+    gate, lock = Gate(), threading.Lock()
+    state = {"shared": 0, "exclusive": 0, "overlaps": 0, "shared_entries": 0, "exclusive_entries": 0}
+    stop = time.monotonic() + 2
+    def shared():
+        while time.monotonic() < stop:
+            gate.enter_shared()
+            with lock:
+                state["shared"] += 1; state["shared_entries"] += 1
+                state["overlaps"] += bool(state["exclusive"])
+            with lock:
+                state["shared"] -= 1
+            gate.leave_shared()
+    def exclusive():
+        while time.monotonic() < stop:
+            gate.enter_exclusive()
+            with lock:
+                state["exclusive"] += 1; state["exclusive_entries"] += 1
+                state["overlaps"] += bool(state["shared"] or state["exclusive"] > 1)
+            time.sleep(0.0001)
+            with lock:
+                state["exclusive"] -= 1
+            gate.leave_exclusive()
+            time.sleep(0.001)
+    threads = [threading.Thread(target=shared) for _ in range(8)] + [threading.Thread(target=exclusive) for _ in range(2)]
+    for t in threads: t.start()
+    for t in threads: t.join()
+    print(json.dumps(dict(state, open=not gate._closed and not gate._holders)))
+    """
+    out = run_json(code, timeout=60)
+    assert out["overlaps"] == 0 and out["open"], out
+    assert out["shared_entries"] > 1000 and out["exclusive_entries"] > 50, out

@@ -28,37 +28,56 @@ from ..common.thread_adoption import AdoptionLayerPatch, Use
 
 
 class Gate:
-    """A reader/writer gate whose exclusive side outlasts the thread that took it (until its OS thread ends)."""
+    """A reader/writer gate whose exclusive side outlasts the thread that took it (until its OS thread ends).
+
+    The shared side is taken on every evaluation, by many threads at once, so it takes no
+    lock: a holder puts itself in `_holders`, then reads `_closed`; an exclusive taker sets
+    `_closed`, then reads `_holders`. Each dict or attribute operation is atomic (the GIL,
+    or the per-object locks of a free-threaded build) and they run in program order, so
+    either the holder sees the gate closed and backs off, or the taker sees the holder and
+    waits for it. Everything else happens under `_lock`.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._condition = threading.Condition(self._lock)
-        self._shared = 0
+        self._holders: dict = {}  # thread ident -> True, for each thread inside the shared side
+        self._closed = False  # an exclusive holder or waiter, or an ending thread: shared entries wait
         self._exclusive = False
         self._waiting_exclusive = 0
         self._ending: set = set()  # native ids of ended threads whose OS thread may still run destructors
 
-    # The shared side is taken on every evaluation: its common case is one lock, no Condition call.
     def enter_shared(self) -> None:
+        me = threading.get_ident()
+        self._holders[me] = True
+        if not self._closed:
+            return
+        self._leave(me)
         with self._lock:
-            if not (self._exclusive or self._waiting_exclusive or self._ending):
-                self._shared += 1
-                return
-            while self._exclusive or self._waiting_exclusive or (self._ending and self._still_ending()):
-                self._condition.wait(0.0005 if self._ending else None)
-            self._shared += 1
+            while True:
+                while self._exclusive or self._waiting_exclusive or (self._ending and self._still_ending()):
+                    self._condition.wait(0.0005 if self._ending else None)
+                self._update_closed()
+                self._holders[me] = True
+                if not self._closed:  # still open once registered (a taker may have come meanwhile)
+                    return
+                del self._holders[me]
 
     def leave_shared(self) -> None:
-        with self._lock:
-            self._shared -= 1
-            if not self._shared and self._waiting_exclusive:
+        self._leave(threading.get_ident())
+
+    def _leave(self, me: int) -> None:
+        del self._holders[me]
+        if self._closed:  # a taker may be waiting for the holders to leave
+            with self._lock:
                 self._condition.notify_all()
 
     def enter_exclusive(self) -> None:
         with self._lock:
             self._waiting_exclusive += 1
-            while self._exclusive or self._shared or (self._ending and self._still_ending()):
-                self._condition.wait(0.0005 if self._ending else None)
+            self._closed = True
+            while self._exclusive or self._holders or (self._ending and self._still_ending()):
+                self._condition.wait(0.0005 if self._ending else 0.01)
             self._waiting_exclusive -= 1
             self._exclusive = True
 
@@ -67,11 +86,17 @@ class Gate:
             if ending_native_id is not None and streams.sees_os_threads():
                 self._ending.add(ending_native_id)
             self._exclusive = False
+            self._update_closed()
             self._condition.notify_all()
+
+    def _update_closed(self) -> None:
+        self._closed = bool(self._exclusive or self._waiting_exclusive or self._ending)
 
     def _still_ending(self) -> bool:
         self._ending = {tid for tid in self._ending if streams.os_thread_alive(tid)}
         self._ending.discard(threading.get_native_id())  # a thread never waits for its own end
+        if not self._ending:
+            self._update_closed()
         return bool(self._ending)
 
 
