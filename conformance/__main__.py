@@ -8,7 +8,10 @@ in its own venv under .venvs/conformance/, this package installed editable), mer
 records into conformance/results/evidence.json, regenerates RESULTS.md, then checks.
 `--fast` is the CI subset (a few minutes): vllm-mlx in continuous-batching mode on the
 tiny llama without the shim and under `mlx-threadsafe run`, and a handful of mlx-lm
-0.32.2's own tests.
+0.32.2's own tests. Sides: `none`, `run`, `env`, and `batch` (`MLX_THREADSAFE=1
+MLX_THREADSAFE_BATCH=1`), run where a server lists it or --sides asks
+(`--servers to-thread-app --sides none env batch`: the batch mode's throughput against the
+other sides).
 """
 
 from __future__ import annotations

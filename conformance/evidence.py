@@ -14,7 +14,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 EVIDENCE = os.path.join(HERE, "results", "evidence.json")
 RESULTS_MD = os.path.join(HERE, "RESULTS.md")
 README = os.path.join(os.path.dirname(HERE), "README.md")
-SHIM_SIDES = ("run", "env")
+SHIM_SIDES = ("run", "env", "batch")
+ALWAYS_SHOWN = ("run", "env")  # a shimmed side the table lists as "not run" when missing; `batch` only when run
 
 
 ABOUT = ("python -m conformance run: third-party servers and upstream test suites, without and with "
@@ -80,7 +81,8 @@ def _server_rows(records: Dict[str, Dict[str, Any]]) -> List[str]:
             fails_without = f"nothing ({summary(without)})"
         else:
             fails_without = summary(without)
-        shim = "<br>".join(f"`{side}`: {side_cell(side)}" for side in SHIM_SIDES)
+        shim = "<br>".join(f"`{side}`: {side_cell(side)}" for side in SHIM_SIDES
+                           if side in ALWAYS_SHOWN or side in sides)
         rows.append(f"| {target} | {version} | {mode}, {model} | {cell(fails_without)} | {cell(shim)} |")
     return rows
 
@@ -110,6 +112,42 @@ def _suite_rows(records: Dict[str, Dict[str, Any]]) -> List[str]:
     return rows
 
 
+def _rate(record: Any) -> Any:
+    probe = (record or {}).get("throughput") or {}
+    return probe.get("tokens_per_s") if (record or {}).get("status") != "cannot-run" else None
+
+
+def throughput_rows(records: Dict[str, Dict[str, Any]]) -> List[str]:
+    """One row per server, mode and model with a throughput probe: tokens/s of each side, batch / env."""
+    groups: Dict[Tuple[str, str, str, str], Dict[str, Dict[str, Any]]] = defaultdict(dict)
+    for record in records.values():
+        if record["kind"] == "server" and record.get("throughput"):
+            groups[(record["target"], record["version"], record["mode"], record["model"])][record["side"]] = record
+    rows = []
+    for (target, version, mode, model), sides in sorted(groups.items()):
+        def figure(side: str, sides: Dict[str, Dict[str, Any]] = sides) -> str:
+            record = sides.get(side)
+            if record is None:
+                return "not run"
+            rate = _rate(record)
+            text = f"{rate:g}" if rate is not None else "no rate"
+            if not record.get("ok"):
+                text += " (the side fails, see above)"
+            return text
+
+        def ratio(top: str, bottom: str, sides: Dict[str, Dict[str, Any]] = sides) -> str:
+            a, b = _rate(sides.get(top)), _rate(sides.get(bottom))
+            return f"{a / b:.2f}x" if a and b else "-"
+        serial = [(r.get("throughput") or {}).get("serial_tokens_per_s") for r in sides.values()]
+        serial = [value for value in serial if value]
+        rows.append(f"| {target} | {version} | {mode}, {model} | "
+                    + " | ".join(cell(figure(side)) for side in ("none", "env", "batch"))
+                    + f" | {ratio('batch', 'env')} | {ratio('batch', 'none')} | "
+                    + (f"{min(serial):g}" + (f"-{max(serial):g}" if max(serial) != min(serial) else "")
+                       if serial else "-") + " |")
+    return rows
+
+
 def table(records: Dict[str, Dict[str, Any]]) -> str:
     problems, notes = check(records)
     dates = sorted({r.get("when", "") for r in records.values() if r.get("when")})
@@ -123,12 +161,30 @@ def table(records: Dict[str, Dict[str, Any]]) -> str:
         "same server instance answering the same prompts one at a time, then one conversation sent twice "
         "(cached = prompt tokens the server reports reusing on the second send). With the shim means "
         "`mlx-threadsafe run -- CMD` (`run`) and `MLX_THREADSAFE=1 CMD` (`env`). Upstream suites: the "
-        "release's own tests, offline, without and with `MLX_THREADSAFE=1`.",
+        "release's own tests, offline, without and with `MLX_THREADSAFE=1`. `batch` (where run): "
+        "`MLX_THREADSAFE=1 MLX_THREADSAFE_BATCH=1 CMD`, the opt-in batch mode.",
         "",
         *_results(records),
         "",
         f"`python -m conformance check`: {'passes' if not problems else f'{len(problems)} problems'}.",
     ]
+    speeds = throughput_rows(records)
+    if speeds:
+        from .servers import THROUGHPUT_BURSTS, THROUGHPUT_REQUESTS, THROUGHPUT_TOKENS
+
+        lines += ["", "## Throughput", "",
+                  f"Where a server has the probe: {THROUGHPUT_REQUESTS} non-streaming chat completions at once, "
+                  f"{THROUGHPUT_TOKENS} tokens each (temperature 0), one warm-up burst, then {THROUGHPUT_BURSTS} "
+                  "bursts; completion tokens/s of a burst (the tokens its answers' usage reports over the time "
+                  "from the first request sent to the last answer), the median of the bursts. Each answer must "
+                  "equal the same prompt's answer sent alone. Recorded, not judged: the machine is shared "
+                  "and loaded, so single figures swing; the ratio is of the two medians. `none` = without "
+                  "the shim, `env` = `MLX_THREADSAFE=1`, `batch` = `MLX_THREADSAFE=1 MLX_THREADSAFE_BATCH=1`; "
+                  f"the last column is the same {THROUGHPUT_REQUESTS} prompts sent one at a time, over the sides.",
+                  "",
+                  *markdown_table(["server", "version", "mode, model", "`none` tok/s", "`env` tok/s",
+                                   "`batch` tok/s", "batch / env", "batch / none", "one at a time, tok/s"],
+                                  speeds)]
     if problems:
         lines += ["", "## Problems", ""] + [f"- {p}" for p in problems]
     if notes:

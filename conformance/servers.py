@@ -1,7 +1,9 @@
 """Third-party OpenAI-compatible servers on a tiny offline model, without and with the shim.
 
 Each check starts the server (one side: `none` = no shim, `run` = under
-`mlx-threadsafe run --`, `env` = `MLX_THREADSAFE=1`), waits for it (bounded), then:
+`mlx-threadsafe run --`, `env` = `MLX_THREADSAFE=1`, `batch` = `MLX_THREADSAFE=1
+MLX_THREADSAFE_BATCH=1`, the opt-in batch mode, where a server lists it in `sides` or
+--sides asks), waits for it (bounded), then:
 
 1. sends 9 chat completions at once (streaming and not, temperature 0);
 2. sends the same 9 prompts again one at a time, to the same server instance: that is
@@ -15,7 +17,11 @@ Each check starts the server (one side: `none` = no shim, `run` = under
 3. sends one ~40-token conversation twice and reads the prompt tokens the server reused
    on the second send: `usage.prompt_tokens_details.cached_tokens` where the server
    reports it (mlx-openai-server), else the growth of `/v1/cache/stats` counters
-   (vllm-mlx: `tokens_saved`, `hits`);
+   (vllm-mlx: `tokens_saved`, `hits`); for a server without a prompt cache
+   (`prompt_cache=False`) the step does not apply, which the record says (`cache_check`);
+3b. where the server has `throughput`: the throughput probe (`measure_throughput`), its
+   prompts one at a time, then bursts of 8 requests at once whose completion tokens/s
+   are recorded (never judged; each answer must still equal its serial one);
 4. stops the server (SIGINT, then SIGKILL of its process group) and scans its output for
    `There is no Stream`, `terminate called`, tracebacks and the servers' own
    "... failed" warnings;
@@ -45,12 +51,14 @@ from harness.evidence import today
 
 from . import venvs
 
+APPS_TO_THREAD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "apps", "to_thread_app.py")
 PORTS = range(18700, 18800)
 CONCURRENT = 9
 MAX_TOKENS = 12
 READY_TIMEOUT = 300.0
 REQUEST_TIMEOUT = 120.0
-SIDES = ("none", "run", "env")
+SIDES = ("none", "run", "env", "batch")
+DEFAULT_SIDES = ("none", "run", "env")  # `batch` runs where a server lists it (Server.sides) or --sides asks
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 SHIM_APPLIED = re.compile(r"^mlx_threadsafe: applied (\S+)")
 LOG_REUSED = re.compile(r"cache HIT.*reusing (\d+) tokens")
@@ -78,6 +86,12 @@ class Server:
     serialized_modes: Tuple[str, ...] = ()
     stream_conversation_modes: Tuple[str, ...] = ()  # modes whose prompt cache only streaming requests use
     packages: List[str] = field(default_factory=lambda: ["mlx", "mlx-lm", "mlx-vlm", "transformers", "torch"])
+    # False: the server keeps no prompt cache, so step 3 (the conversation sent twice) does not
+    # apply; the record says so (`cache_check`) and the side passes without a reused prefix.
+    prompt_cache: bool = True
+    # True: each side also measures throughput (THROUGHPUT_* below), recorded, never judged.
+    throughput: bool = False
+    sides: Tuple[str, ...] = DEFAULT_SIDES  # the sides a run without --sides checks
 
     @property
     def venv(self) -> str:
@@ -111,10 +125,35 @@ SERVERS: Dict[str, Server] = {
         stream_conversation_modes=("default",),  # SimpleEngine's system-prompt KV cache: stream_chat only
         conversation_words=160,  # its memory-aware prefix cache keeps prefixes of >= 128 tokens only
     ),
+    # A FastAPI app as a user writes it, knowing nothing of the shim (apps/to_thread_app.py):
+    # each request runs mlx_lm.generate on asyncio.to_thread. It shows the batch mode's gain.
+    "to-thread-app": Server(
+        name="to-thread-app", version="1",
+        requirements=["mlx-lm==0.32.2", "fastapi", "uvicorn"],
+        overrides=[],
+        cpu_torch=False,
+        command=lambda bin_dir, model, port: [os.path.join(bin_dir, "python"), APPS_TO_THREAD,
+                                              "--model", model, "--port", str(port)],
+        modes={"default": []},
+        note="conformance/apps/to_thread_app.py: FastAPI + uvicorn, generate() on asyncio.to_thread",
+        packages=["mlx", "mlx-lm", "fastapi", "uvicorn", "transformers"],
+        prompt_cache=False,
+        throughput=True,
+        sides=("none", "run", "env", "batch"),
+    ),
 }
 
 # Word-level tokenizer of the tiny models: words w0 .. w295.
 PROMPTS = [f"w{5 + 3 * i} w{7 + i} w9 w{11 + 2 * i}" for i in range(CONCURRENT)]
+
+# The throughput probe (servers with `throughput`): THROUGHPUT_REQUESTS non-streaming requests
+# at once, THROUGHPUT_TOKENS each, one warm-up burst, then THROUGHPUT_BURSTS measured ones.
+# Greedy decoding of these prompts meets no EOS within 48 tokens on either tiny model (checked
+# with mlx-lm 0.32.2); the rate counts the completion tokens each answer's usage reports anyway.
+THROUGHPUT_REQUESTS = 8
+THROUGHPUT_TOKENS = 48
+THROUGHPUT_BURSTS = 7
+THROUGHPUT_PROMPTS = [f"w{20 + 7 * i} w{31 + 5 * i} w{13 + i} w{40 + 3 * i}" for i in range(THROUGHPUT_REQUESTS)]
 
 
 def conversation(words: int):
@@ -159,14 +198,14 @@ BUSY_RETRIES = 240
 
 
 def _chat(port: int, model: str, messages: List[Dict[str, str]], stream: bool,
-          busy: Optional[List[int]] = None) -> Dict[str, Any]:
+          busy: Optional[List[int]] = None, max_tokens: int = MAX_TOKENS) -> Dict[str, Any]:
     """One chat completion: {'text', 'usage'}; raises with what went wrong.
 
     With `busy` (a list to count into), an HTTP 503 whose body says the server is busy is
     retried after a pause, at most BUSY_RETRIES times.
     """
     for _attempt in range(BUSY_RETRIES + 1):
-        answer = _chat_once(port, model, messages, stream)
+        answer = _chat_once(port, model, messages, stream, max_tokens)
         if busy is None or answer is not None:
             break
         busy.append(1)
@@ -176,8 +215,9 @@ def _chat(port: int, model: str, messages: List[Dict[str, str]], stream: bool,
     return answer
 
 
-def _chat_once(port: int, model: str, messages: List[Dict[str, str]], stream: bool) -> Optional[Dict[str, Any]]:
-    body: Dict[str, Any] = {"model": model, "messages": messages, "max_tokens": MAX_TOKENS,
+def _chat_once(port: int, model: str, messages: List[Dict[str, str]], stream: bool,
+               max_tokens: int = MAX_TOKENS) -> Optional[Dict[str, Any]]:
+    body: Dict[str, Any] = {"model": model, "messages": messages, "max_tokens": max_tokens,
                             "temperature": 0.0, "stream": stream}
     if stream:
         body["stream_options"] = {"include_usage": True}
@@ -415,19 +455,98 @@ def build_model(python: str, arch: str) -> str:
     return done.stdout.strip().splitlines()[-1]
 
 
+def side_environment(env: Dict[str, str], side: str) -> Dict[str, str]:
+    """`env` with the shim's switches of `side`: none, `MLX_THREADSAFE=1` (env), and with
+    `MLX_THREADSAFE_BATCH=1` too (batch); `run` puts `mlx-threadsafe run --` before the command."""
+    env = dict(env)
+    for name in ("MLX_THREADSAFE", "MLX_THREADSAFE_DISABLE", "MLX_THREADSAFE_BATCH", "PYTHONPATH"):
+        env.pop(name, None)
+    if side in ("env", "batch"):
+        env["MLX_THREADSAFE"] = "1"
+    if side == "batch":
+        env["MLX_THREADSAFE_BATCH"] = "1"
+    return env
+
+
+def _median(values: List[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def measure_throughput(port: int, served: str, record: Dict[str, Any],
+                       chat: Optional[Callable[..., Dict[str, Any]]] = None) -> Dict[str, Any]:
+    """The throughput probe: completion tokens/s of THROUGHPUT_REQUESTS requests at once.
+
+    First the probe's prompts one at a time (the reference its concurrent answers must equal,
+    and the rate of one request at a time), then a warm-up burst, then THROUGHPUT_BURSTS
+    measured bursts, each timed from the first request sent to the last answer received;
+    a burst's rate is the sum of the completion tokens the answers report over that time.
+    Failures go to record["failures"]; the figures are recorded, never judged.
+    """
+    chat = chat or _chat
+
+    def ask(index: int) -> Dict[str, Any]:
+        return chat(port, served, [{"role": "user", "content": THROUGHPUT_PROMPTS[index]}], stream=False,
+                    max_tokens=THROUGHPUT_TOKENS)
+
+    probe: Dict[str, Any] = {"requests": THROUGHPUT_REQUESTS, "max_tokens": THROUGHPUT_TOKENS,
+                             "bursts": THROUGHPUT_BURSTS, "burst_tokens_per_s": [], "burst_completion_tokens": []}
+    serial: List[Optional[str]] = []
+    tokens = 0
+    started = time.perf_counter()
+    for index in range(THROUGHPUT_REQUESTS):
+        try:
+            answer = ask(index)
+            serial.append(answer["text"])
+            tokens += int((answer.get("usage") or {}).get("completion_tokens") or 0)
+        except Exception as error:  # noqa: BLE001 - counted and reported
+            serial.append(None)
+            record["failures"].append(f"throughput serial #{index}: {type(error).__name__}: {error}"[:400])
+    probe["serial_tokens_per_s"] = round(tokens / (time.perf_counter() - started), 1) if tokens else None
+    equal, answered = 0, 0
+    for burst in range(THROUGHPUT_BURSTS + 1):  # burst 0 warms up
+        answers: List[Optional[Dict[str, Any]]] = [None] * THROUGHPUT_REQUESTS
+
+        def client(index: int, answers=answers, burst=burst) -> None:
+            try:
+                answers[index] = ask(index)
+            except Exception as error:  # noqa: BLE001
+                record["failures"].append(f"throughput burst {burst} #{index}: {type(error).__name__}: {error}"[:400])
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(THROUGHPUT_REQUESTS)]
+        started = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(REQUEST_TIMEOUT + 30)
+        elapsed = time.perf_counter() - started
+        if burst == 0:
+            continue
+        done = [a for a in answers if a is not None]
+        answered += len(done)
+        equal += sum(a is not None and a["text"] == s for a, s in zip(answers, serial))
+        completion = sum(int((a.get("usage") or {}).get("completion_tokens") or 0) for a in done)
+        probe["burst_completion_tokens"].append(completion)
+        if len(done) == THROUGHPUT_REQUESTS and completion:
+            probe["burst_tokens_per_s"].append(round(completion / elapsed, 1))
+    probe["answered"] = answered
+    probe["equal_to_serial"] = equal
+    rates = probe["burst_tokens_per_s"]
+    probe["tokens_per_s"] = round(_median(rates), 1) if len(rates) == THROUGHPUT_BURSTS else None
+    return probe
+
+
 def check_side(server: Server, mode: str, model_dir: str, side: str, python: str) -> Dict[str, Any]:
     """One server start on one side; the measured record."""
     bin_dir = os.path.dirname(python)
     port = free_port()
     command = server.command(bin_dir, model_dir, port) + server.modes[mode]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1", NO_COLOR="1",
-               VIRTUAL_ENV=os.path.dirname(bin_dir), PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""))
-    for name in ("MLX_THREADSAFE", "MLX_THREADSAFE_DISABLE", "PYTHONPATH"):
-        env.pop(name, None)
+    env = side_environment(dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1",
+                                NO_COLOR="1", VIRTUAL_ENV=os.path.dirname(bin_dir),
+                                PATH=bin_dir + os.pathsep + os.environ.get("PATH", "")), side)
     if side == "run":
         command = [os.path.join(bin_dir, "mlx-threadsafe"), "run", "--"] + command
-    elif side == "env":
-        env["MLX_THREADSAFE"] = "1"
     for name in ("MLX_THREADSAFE_LOG", "MLX_THREADSAFE_LOG_FILE"):
         env.pop(name, None)
     record: Dict[str, Any] = {"side": side, "command": " ".join(os.path.basename(c) if i == 0 else c
@@ -487,9 +606,11 @@ def check_side(server: Server, mode: str, model_dir: str, side: str, python: str
                                     for i, (a, b) in enumerate(zip(concurrent, serial))
                                     if a is not None and b is not None and a != b][:3]
             # The repeated conversation.
-            usages = []
+            if not server.prompt_cache:
+                record["cache_check"] = "not applicable: the server keeps no prompt cache"
+            usages = [] if server.prompt_cache else [None, None]
             middle = None
-            for attempt in range(2):
+            for attempt in range(2 if server.prompt_cache else 0):
                 try:
                     usages.append(_chat(port, served, conversation(server.conversation_words),
                                         stream=mode in server.stream_conversation_modes)["usage"] or {})
@@ -514,6 +635,8 @@ def check_side(server: Server, mode: str, model_dir: str, side: str, python: str
                 record["cached_tokens"] = int(sum(saved)) if saved else (0 if not hits else None)
                 record["cache_hits"] = int(sum(hits))
                 record["cache_source"] = "GET /v1/cache/stats (tokens_saved, hits) around the second send"
+            if server.throughput:
+                record["throughput"] = measure_throughput(port, served, record)
         except Exception as error:  # noqa: BLE001 - a server that never got ready
             record["failures"].append(f"server: {type(error).__name__}: {error}"[:400])
         finally:
@@ -548,8 +671,12 @@ def check_side(server: Server, mode: str, model_dir: str, side: str, python: str
     record["port"] = port
     record["_normalised"] = normalised  # for the comparison of the sides in run(); not saved
     record["cache_reused"] = bool(record.get("cached_tokens") or record.get("cache_hits"))
+    probe = record.get("throughput")
     record["ok"] = (record["answered"] == CONCURRENT and record["reference_answered"] == CONCURRENT
-                    and record["equal_to_reference"] == CONCURRENT and record["cache_reused"]
+                    and record["equal_to_reference"] == CONCURRENT
+                    and (record["cache_reused"] or not server.prompt_cache)
+                    and (probe is None or probe["equal_to_serial"] == probe["answered"]
+                         == THROUGHPUT_REQUESTS * THROUGHPUT_BURSTS)
                     and not record["bad_output"] and not record["failures"]
                     and (side == "none" or bool(record["shim_applied"])))
     return record
@@ -560,8 +687,16 @@ def summary(record: Dict[str, Any]) -> str:
         return f"cannot run: {record.get('reason')}"
     cached = record.get("cached_tokens")
     text = (f"{record['answered']}/{record['requests']} answered, {record['equal_to_reference']}/{record['requests']} "
-            f"equal to serial, cached {cached if cached is not None else '-'}")
-    if record.get("side") in ("run", "env") and not record.get("shim_applied"):
+            f"equal to serial, " + ("no prompt cache" if str(record.get("cache_check", "")).startswith("not applicable")
+                                    else f"cached {cached if cached is not None else '-'}"))
+    probe = record.get("throughput")
+    if probe:
+        runs = probe["requests"] * probe["bursts"]
+        rate = probe.get("tokens_per_s")
+        text += (f"; {probe['requests']} at once x {probe['max_tokens']} tokens: "
+                 f"{f'{rate:g} tok/s' if rate is not None else 'no rate'}, {probe['equal_to_serial']}/{runs} "
+                 f"equal to serial")
+    if record.get("side") in ("run", "env", "batch") and not record.get("shim_applied"):
         text += ", the shim applied no patch in the server (no 'mlx_threadsafe: applied' line)"
     if record.get("shim_only_lines"):
         count = record.get("shim_only_count", len(record["shim_only_lines"]))
@@ -580,7 +715,7 @@ def _cells(name: str, server: Server, modes, models, sides):
         if mode not in server.modes:
             continue
         for arch in models or MODELS:
-            for side in sides or SIDES:
+            for side in sides or server.sides:
                 yield f"server/{name}=={server.version}/{mode}/{arch}/{side}", mode, arch, side
 
 

@@ -72,7 +72,7 @@ def test_the_fast_subset_runs_for_real(tmp_path):
 
 @pytest.mark.release
 @pytest.mark.slow
-@pytest.mark.parametrize("server", ["mlx-openai-server", "vllm-mlx"])
+@pytest.mark.parametrize("server", ["mlx-openai-server", "vllm-mlx", "to-thread-app"])
 def test_every_mode_of_the_server_passes_with_the_shim(tmp_path, server):
     path = tmp_path / "evidence.json"
     done = _conformance("run", "--servers", server, "--evidence", str(path), timeout=3000)
@@ -163,3 +163,79 @@ def test_the_shim_debug_log_is_no_output_line():
     # With MLX_THREADSAFE_LOG_FILE the debug log goes to a file; were it printed, each line would count.
     record = _compared(_WITHOUT, _WITH_TIMES_AND_PORTS_CHANGED + "mlx_threadsafe: applied mlx.thread_rng\n")
     assert record["shim_only_lines"] == ["mlx_threadsafe: applied mlx.thread_rng"] and not record["ok"]
+
+
+# The unchanged FastAPI app on asyncio.to_thread (issue 30): the `batch` side and the throughput
+# probe. Wiring only, with fakes: the real run is `python -m conformance run --servers to-thread-app`.
+
+def test_the_fast_subset_and_the_default_sides_of_the_third_party_servers_are_unchanged():
+    from conformance import __main__ as cli
+    from conformance import servers
+
+    assert cli.FAST["servers"] == ["vllm-mlx"] and cli.FAST["sides"] == ["none", "run"], cli.FAST
+    assert servers.SERVERS["vllm-mlx"].sides == servers.SERVERS["mlx-openai-server"].sides == ("none", "run", "env")
+    app = servers.SERVERS["to-thread-app"]
+    assert app.sides == ("none", "run", "env", "batch") and app.throughput and not app.prompt_cache
+    argv = app.command("/venv/bin", "/models/llama", 18777)
+    assert argv[:2] == ["/venv/bin/python", servers.APPS_TO_THREAD] and argv[-2:] == ["--port", "18777"]
+    with open(servers.APPS_TO_THREAD) as source:
+        code = source.read()
+    imports = [line for line in code.splitlines() if line.startswith(("import ", "from "))]
+    assert not [line for line in imports if "mlx_threadsafe" in line], imports  # a user's app, unchanged
+    assert "asyncio.to_thread(generate," in code
+
+
+def test_each_side_sets_the_shim_switches_and_nothing_leaks_in_from_the_caller():
+    from conformance import servers
+
+    outer = {"PATH": "/bin", "MLX_THREADSAFE": "1", "MLX_THREADSAFE_BATCH": "1", "PYTHONPATH": "/x"}
+    switches = {side: {k: v for k, v in servers.side_environment(outer, side).items() if k.startswith("MLX")}
+                for side in servers.SIDES}
+    assert switches == {"none": {}, "run": {}, "env": {"MLX_THREADSAFE": "1"},
+                        "batch": {"MLX_THREADSAFE": "1", "MLX_THREADSAFE_BATCH": "1"}}
+    assert "PYTHONPATH" not in servers.side_environment(outer, "batch")
+
+
+def test_the_throughput_probe_counts_completion_tokens_and_compares_each_answer_with_its_serial_one():
+    from conformance import servers
+
+    calls = []
+
+    def fake_chat(port, model, messages, stream, max_tokens):
+        calls.append((messages[0]["content"], stream, max_tokens))
+        return {"text": "answer to " + messages[0]["content"], "usage": {"completion_tokens": max_tokens}}
+
+    record = {"failures": []}
+    probe = servers.measure_throughput(1, "tiny", record, chat=fake_chat)
+    n, bursts = servers.THROUGHPUT_REQUESTS, servers.THROUGHPUT_BURSTS
+    assert len(calls) == n * (bursts + 2)  # serial, warm-up, measured bursts
+    assert {(stream, tokens) for _, stream, tokens in calls} == {(False, servers.THROUGHPUT_TOKENS)}
+    assert probe["answered"] == probe["equal_to_serial"] == n * bursts and not record["failures"]
+    assert probe["burst_completion_tokens"] == [n * servers.THROUGHPUT_TOKENS] * bursts
+    assert len(probe["burst_tokens_per_s"]) == bursts and probe["tokens_per_s"] > 0
+
+
+def _app_record(side, rate, ok=True):
+    return {"kind": "server", "target": "to-thread-app", "version": "1", "mode": "default", "model": "llama",
+            "side": side, "ok": ok, "status": "pass" if ok else "fail", "requests": 9, "answered": 9,
+            "equal_to_reference": 9, "cached_tokens": None, "cache_check": "not applicable: no prompt cache",
+            "failures": [], "bad_output": [], "shim_applied": [] if side == "none" else ["mlx.thread_rng"],
+            "shim_only_lines": [],
+            "throughput": {"requests": 8, "max_tokens": 48, "bursts": 7, "tokens_per_s": rate,
+                           "serial_tokens_per_s": 300.0, "answered": 56, "equal_to_serial": 56}}
+
+
+def test_the_table_shows_the_batch_side_and_its_throughput_against_env_and_none():
+    records = {f"server/to-thread-app==1/default/llama/{side}": _app_record(side, rate)
+               for side, rate in (("none", 400.0), ("env", 500.0), ("batch", 1000.0))}
+    problems, _ = evidence.check(records)
+    assert not problems, problems
+    text = evidence.table(records)
+    assert "`batch`: **pass**" in text and "no prompt cache" in text and "1000 tok/s" in text
+    assert "| to-thread-app | 1 | default, llama | 400 | 500 | 1000 | 2.00x | 2.50x | 300 |" in text, text
+    # A failing batch side fails check; a table without any batch record shows no batch line.
+    records["server/to-thread-app==1/default/llama/batch"] = _app_record("batch", None, ok=False)
+    problems, _ = evidence.check(records)
+    assert problems and "batch" in problems[0]
+    assert "`batch`" not in evidence.table({k: v for k, v in records.items() if not k.endswith("/batch")}
+                                           ).split("## Throughput")[0].split("| server / suite")[1]
