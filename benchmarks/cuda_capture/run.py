@@ -307,7 +307,7 @@ def inprocess(args) -> None:
 
     result: Dict[str, Any] = {"pairs": args.pairs, "tokens": args.tokens, "toggle": args.toggle,
                               "threads": args.threads, "pool": args.pool}
-    for name in ("wide", "tiny"):
+    for name in args.only:
         model, _ = load(args.models[name])
         tokens_per_s(model, 16)
         pairs = []
@@ -315,6 +315,7 @@ def inprocess(args) -> None:
             pair = {}
             for side in ("off", "on") if index % 2 == 0 else ("on", "off"):
                 switch(side == "on")
+                print(f"{name} pair {index} side {side}", file=sys.stderr, flush=True)  # names the side of a crash
                 pair[side] = tokens_per_s(model, args.tokens)
             pairs.append(pair)
         mlx_threadsafe.uninstall()
@@ -419,6 +420,7 @@ def main(argv=None) -> None:
     i.add_argument("--toggle", choices=("shim", "gate"), default="shim")
     i.add_argument("--threads", type=int, default=1, help="requests at once, each on its own thread")
     i.add_argument("--pool", action="store_true", help="the threads of one pool, kept between samples")
+    i.add_argument("--only", nargs="+", choices=("wide", "tiny"), default=["wide", "tiny"])
     k = sub.add_parser("cost")
     k.add_argument("--out", required=True)
     k.add_argument("--pairs", type=int, default=2, help="UPPU blocks")
