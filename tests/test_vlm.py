@@ -132,11 +132,11 @@ def test_uninstall_restores_the_forward_of_classes_that_hold_request_state():
         import json
         import mlx_threadsafe
         from mlx_threadsafe.scenarios import vlm as scenarios
-        model, _ = scenarios._qwen2_vl_requests()  # imports the model classes, unpatched
+        model, _ = scenarios.qwen2_vl_requests()  # imports the model classes, unpatched
         holder = type(model.language_model)
         original = holder.__dict__.get("__call__")
         mlx_threadsafe.install()
-        scenarios._qwen2_vl_requests()  # loaded again: the loader hook wraps the holder's forward
+        scenarios.qwen2_vl_requests()  # loaded again: the loader hook wraps the holder's forward
         wrapped = type(holder.__dict__.get("__call__")).__name__
         mlx_threadsafe.uninstall()
         print(json.dumps([wrapped, holder.__dict__.get("__call__") is original]))

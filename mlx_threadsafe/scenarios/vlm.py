@@ -77,7 +77,7 @@ def vlm_qwen2_vl_forward_on_worker() -> str:
     return "same logits"
 
 
-def _qwen2_vl_requests():
+def qwen2_vl_requests():
     """A tiny qwen2_vl and requests whose images differ in shape (so their MRoPE deltas differ)."""
     from pathlib import Path
 
@@ -115,7 +115,7 @@ def _greedy_steps(model, request, n_tokens: int = 6):
 
 @scenario("mlx-vlm: qwen2_vl prefill on thread A, decode on thread B (model-held _rope_deltas)")
 def vlm_qwen2_vl_prefill_then_decode_elsewhere() -> str:
-    model, requests = _qwen2_vl_requests()
+    model, requests = qwen2_vl_requests()
     expected = list(_greedy_steps(model, requests[1]))
     steps = _greedy_steps(model, requests[1])
     first = on_new_thread(next, steps)
@@ -153,7 +153,7 @@ def _raw_greedy_forwards(model, request, n_decode: int = 4):
 
 @scenario("mlx-vlm: qwen2_vl raw forwards, prefill on thread A and decode on thread B (no generate_step)")
 def vlm_qwen2_vl_raw_forwards_prefill_then_decode_elsewhere() -> str:
-    model, requests = _qwen2_vl_requests()
+    model, requests = qwen2_vl_requests()
     prefill, decode = _raw_greedy_forwards(model, requests[1])
     expected = decode(prefill())
     prefill, decode = _raw_greedy_forwards(model, requests[1])
@@ -165,7 +165,7 @@ def vlm_qwen2_vl_raw_forwards_prefill_then_decode_elsewhere() -> str:
 
 @scenario("mlx-vlm: two qwen2_vl generations interleaved step by step on one model (mlx-vlm #1415)")
 def vlm_qwen2_vl_interleaved_requests_keep_their_positions() -> str:
-    model, requests = _qwen2_vl_requests()
+    model, requests = qwen2_vl_requests()
     first, second = requests[0], requests[3]  # 4 and 16 image tokens: different deltas
     expected = [list(_greedy_steps(model, first)), list(_greedy_steps(model, second))]
     a, b = _greedy_steps(model, first), _greedy_steps(model, second)
@@ -181,7 +181,7 @@ def vlm_qwen2_vl_interleaved_requests_keep_their_positions() -> str:
 def vlm_qwen2_vl_concurrent_requests_match_serial() -> str:
     from concurrent.futures import ThreadPoolExecutor
 
-    model, requests = _qwen2_vl_requests()
+    model, requests = qwen2_vl_requests()
     serial = [list(_greedy_steps(model, request)) for request in requests]
     with ThreadPoolExecutor(len(requests)) as pool:
         threaded = list(pool.map(lambda request: list(_greedy_steps(model, request)), requests))
