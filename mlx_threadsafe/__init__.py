@@ -78,10 +78,10 @@ def _get_registry() -> "Registry":
             return _registry
         # The one exit hook (exit_steps) is registered by the worker module, before any patch applies.
         from . import worker  # noqa: F401
-        from .patches import ALL
+        from .patches import CATALOGUE
         from .registry import Registry
 
-        _registry = Registry(ALL)
+        _registry = Registry(CATALOGUE)  # each patch's module imported once planning leaves it on
     return _registry
 
 

@@ -14,40 +14,97 @@ import os
 from collections import namedtuple
 from importlib import resources
 from types import ModuleType
-from typing import TYPE_CHECKING, Dict, Iterable, Mapping, Optional
+from typing import TYPE_CHECKING, Dict, Iterable, Mapping, Optional, Union
 
-from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
 from . import versions
 from .patch_status import PatchStatus, State
 
 if TYPE_CHECKING:
+    from .patches import Declared
     from .registry import Patch
-
-try:  # Python 3.11+
-    import tomllib
-except ModuleNotFoundError:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
 
 
 # ------------------------------------------------------------------ the matrix
 
 
 # Named tuples, not dataclasses: dataclasses imports inspect, which install() would pay for.
-MatrixRow = namedtuple("MatrixRow", "releases patches summary reason")  # SpecifierSet, ids, str, str
+MatrixRow = namedtuple("MatrixRow", "releases patches summary reason")  # Releases, ids, str, str
 PackageMatrix = namedtuple("PackageMatrix", "newest_known rows")  # Version, MatrixRow tuple
 
 
+class Releases:
+    """A row's `releases` specifier, as packaging's SpecifierSet reads it (pre-releases included).
+
+    Importing packaging.specifiers costs install() about 4 ms (its regular expressions), so a
+    final release against ``>=``/``<`` bounds, where the two operators are plain comparisons,
+    is compared directly; any other release or operator is left to SpecifierSet.
+    """
+
+    __slots__ = ("text", "_bounds")
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self._bounds = _plain_bounds(text)  # ((operator, Version), ...), or None: SpecifierSet decides
+
+    def __repr__(self) -> str:
+        return f"<Releases({self.text!r})>"
+
+    def __str__(self) -> str:
+        return self.text
+
+    def contains(self, release: Version) -> bool:
+        if self._bounds is not None and _is_final(release):
+            return all(release >= bound if operator == ">=" else release < bound for operator, bound in self._bounds)
+        from packaging.specifiers import SpecifierSet
+
+        return SpecifierSet(self.text).contains(release, prereleases=True)
+
+
+def _is_final(version: Version) -> bool:
+    return version.pre is None and version.post is None and version.dev is None and version.local is None
+
+
+def _plain_bounds(text: str):
+    bounds = []
+    for clause in text.split(","):
+        clause = clause.strip()
+        operator = ">=" if clause.startswith(">=") else "<" if clause.startswith("<") and clause[1:2] != "=" else None
+        bound = versions.parse(clause[len(operator):].strip()) if operator else None
+        if bound is None or not _is_final(bound):
+            return None
+        bounds.append((operator, bound))
+    return tuple(bounds) or None
+
+
 def load_matrix(text: Optional[str] = None) -> Dict[str, PackageMatrix]:
+    """The compat matrix: `text` (TOML), else the package's compat.toml.
+
+    A wheel also carries compat.toml pre-parsed as compat.json (hatch_build.py makes it at each
+    build), read in its place: tomllib and its parse cost install() about 4 ms.
+    """
     if text is None:
-        text = resources.files(__package__).joinpath("compat.toml").read_text(encoding="utf-8")
-    data = tomllib.loads(text)
+        folder = resources.files(__package__)
+        built = folder.joinpath("compat.json")
+        if built.is_file():
+            import json
+
+            return _matrix(json.loads(built.read_text(encoding="utf-8")))
+        text = folder.joinpath("compat.toml").read_text(encoding="utf-8")
+    try:  # Python 3.11+
+        import tomllib
+    except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+        import tomli as tomllib
+    return _matrix(tomllib.loads(text))
+
+
+def _matrix(data: Dict) -> Dict[str, PackageMatrix]:
     return {
         package: PackageMatrix(
             newest_known=Version(entry["newest_known"]),
             rows=tuple(
-                MatrixRow(SpecifierSet(row["releases"]), tuple(row["patches"]), row["summary"],
+                MatrixRow(Releases(row["releases"]), tuple(row["patches"]), row["summary"],
                           " ".join(row["reason"].split()))
                 for row in entry.get("rows", ())
             ),
@@ -81,7 +138,7 @@ class Options(namedtuple("Options", "only exclude disabled_by_env", defaults=(No
                    frozenset(item.strip() for item in disabled.split(",") if item.strip()))
 
 
-def by_matrix(patch: "Patch", env: versions.Environment, matrix: Dict[str, PackageMatrix]) -> Decision:
+def by_matrix(patch: "Union[Patch, Declared]", env: versions.Environment, matrix: Dict[str, PackageMatrix]) -> Decision:
     """Whether the matrix applies `patch` to the installed release of its package."""
     installed = env.version_of(patch.package)
     if installed is None:
@@ -94,7 +151,7 @@ def by_matrix(patch: "Patch", env: versions.Environment, matrix: Dict[str, Packa
         return Decision(True, f"{patch.package} {installed} is newer than the matrix ({package_matrix.newest_known}); "
                         "applied because its feature probe holds", unknown_release=True)
     for row in package_matrix.rows:
-        if row.releases.contains(release, prereleases=True):
+        if row.releases.contains(release):
             if patch.id in row.patches:
                 return Decision(True, f"{patch.package} {installed}: {row.summary}")
             return Decision(False, f"not needed on {patch.package} {installed}: {row.summary}")
@@ -120,16 +177,30 @@ def plan(patch: "Patch", env: versions.Environment, matrix: Dict[str, PackageMat
 def decide(patch: "Patch", env: versions.Environment, matrix: Dict[str, PackageMatrix], options: Options,
            states: Mapping[str, PatchStatus]) -> Decision:
     """At install(): options, matrix, backend rule, requirements (`states`: the rows planned so far)."""
+    decision = by_options(patch, options) or plan(patch, env, matrix)
+    if not decision.apply:
+        return decision
+    return blocked_by_requirement(patch, states) or decision
+
+
+def before_import(declared: "Declared", env: versions.Environment, matrix: Dict[str, PackageMatrix],
+                  options: Options) -> Optional[Decision]:
+    """What decide() says from a patch's id and package alone (patches.Declared): the options
+    or the matrix leave it off. None: it may apply, and its module must answer the rest.
+    """
+    decision = by_options(declared, options) or by_matrix(declared, env, matrix)
+    return None if decision.apply else decision
+
+
+def by_options(patch: "Union[Patch, Declared]", options: Options) -> Optional[Decision]:
+    """Disabled by MLX_THREADSAFE_DISABLE, install(only=...) or install(exclude=...); None: not."""
     if "*" in options.disabled_by_env or patch.id in options.disabled_by_env:
         return Decision(False, "MLX_THREADSAFE_DISABLE", state=State.DISABLED)
     if options.only is not None and patch.id not in options.only:
         return Decision(False, "not in install(only=...)", state=State.DISABLED)
     if patch.id in options.exclude:
         return Decision(False, "install(exclude=...)", state=State.DISABLED)
-    decision = plan(patch, env, matrix)
-    if not decision.apply:
-        return decision
-    return blocked_by_requirement(patch, states) or decision
+    return None
 
 
 def at_import(patch: "Patch", module: ModuleType, decision: Decision,

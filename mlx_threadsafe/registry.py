@@ -13,7 +13,7 @@ import sys
 import threading
 import warnings
 from types import ModuleType
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import wrapt
 
@@ -21,6 +21,9 @@ from . import planning, versions
 from .errors import MlxThreadsafeWarning, TargetMissing
 from .patch_status import PatchStatus, State, Status
 from .patching.originals import Originals, Replacement
+
+if TYPE_CHECKING:
+    from .patches import Declared
 
 log = logging.getLogger("mlx_threadsafe")
 
@@ -93,13 +96,18 @@ def _configure_logging() -> None:
 
 
 class Registry:
-    """Holds every known patch and the state of each; one instance per process."""
+    """Holds every known patch and the state of each; one instance per process.
 
-    def __init__(self, patches: Sequence[Patch]) -> None:
-        self.patches = list(patches)
+    `patches`, in planning order, may hold declarations (patches.Declared) in place of
+    patches: a patch's module is imported, and the patch takes its place, only when the
+    options and the matrix leave it on.
+    """
+
+    def __init__(self, patches: "Sequence[Union[Patch, Declared]]") -> None:
+        self.patches: "List[Union[Patch, Declared]]" = list(patches)
         self._by_id = {patch.id: patch for patch in self.patches}
         for patch in self.patches:
-            missing = [required for required in patch.requires if required not in self._by_id]
+            missing = [required for required in getattr(patch, "requires", ()) if required not in self._by_id]
             if missing:
                 raise ValueError(f"{patch.id} requires unknown patch(es) {missing}")
         self._lock = threading.RLock()
@@ -121,12 +129,11 @@ class Registry:
         matrix = planning.load_matrix()
         with self._lock:
             self._installed = True
-            for patch in self.patches:  # a required patch comes before the patches that require it
-                current = self._states.get(patch.id)
+            for index, entry in enumerate(self.patches):  # a required patch comes before those requiring it
+                current = self._states.get(entry.id)
                 if current is not None and current.state in (State.APPLIED, State.PENDING):
                     continue  # idempotent: an applied patch is never applied twice
-                decision = planning.decide(patch, env, matrix, options, self._states)
-                self._states[patch.id] = self._carry_out(patch, decision, env)
+                self._states[entry.id] = self._plan(index, entry, env, matrix, options)
             return self.status()
 
     def uninstall(self) -> Status:
@@ -152,6 +159,16 @@ class Registry:
             return Status(rows=rows, environment=versions.detect(), installed=self._installed)
 
     # -- applying what planning decided ---------------------------------
+
+    def _plan(self, index: int, entry: "Union[Patch, Declared]", env: versions.Environment,
+              matrix: Dict[str, planning.PackageMatrix], options: planning.Options) -> PatchStatus:
+        # A patch the options or the matrix leave off is decided from its declaration: its
+        # module is never imported. Any other is loaded and takes the declaration's place.
+        left_off = None if isinstance(entry, Patch) else planning.before_import(entry, env, matrix, options)
+        if left_off is not None:
+            return _row(entry, left_off.state, left_off.reason)
+        patch = self.patches[index] = self._by_id[entry.id] = _loaded(entry)
+        return self._carry_out(patch, planning.decide(patch, env, matrix, options, self._states), env)
 
     def _carry_out(self, patch: Patch, decision: planning.Decision, env: versions.Environment) -> PatchStatus:
         if not decision.apply:
@@ -182,8 +199,8 @@ class Registry:
                 for patch in self.patches:
                     row = self._states.get(patch.id)
                     if patch.trigger == module.__name__ and row is not None and row.state == State.PENDING:
-                        decision = self._pending_decisions.pop(patch.id)
-                        self._states[patch.id] = self._apply(patch, module, decision)
+                        decision = self._pending_decisions.pop(patch.id)  # a pending patch was loaded
+                        self._states[patch.id] = self._apply(patch, module, decision)  # type: ignore[arg-type]
         except Exception:  # noqa: BLE001
             log.exception("post-import hook for %s failed", module.__name__)
 
@@ -222,6 +239,14 @@ class Registry:
             warnings.warn(message, MlxThreadsafeWarning, stacklevel=4)
 
 
-def _row(patch: Patch, state: State, reason: str) -> PatchStatus:
+def _loaded(entry: "Union[Patch, Declared]") -> Patch:
+    if isinstance(entry, Patch):
+        return entry
+    from .patches import load
+
+    return load(entry)
+
+
+def _row(patch: "Union[Patch, Declared]", state: State, reason: str) -> PatchStatus:
     log.debug("%s: %s (%s)", patch.id, state, reason)
     return PatchStatus(patch.id, patch.target, patch.trigger, state, reason)

@@ -27,19 +27,16 @@ def distribution_version(name: str) -> Optional[str]:
     # editable installs write one). importlib.metadata (with email) costs install() about
     # 25 ms, and a miss costs it a scan of every path entry: it answers only where a folder
     # does not say (an .egg-info, a zip file on sys.path).
-    prefix = name.replace("-", "_").lower() + "-"
+    key = name.replace("-", "_").lower()
     ask_metadata = False
     for folder in sys.path:
-        entries = _entries(folder)
-        if entries is None:
+        index = _index(folder)
+        if index is None:
             ask_metadata = True
-            continue
-        for entry in entries:
-            lowered = entry.lower()
-            if lowered.endswith(".dist-info") and lowered.startswith(prefix):
-                return entry[len(prefix):-len(".dist-info")]
-            if lowered.endswith(".egg-info") and (lowered.startswith(prefix) or lowered == prefix[:-1] + ".egg-info"):
-                ask_metadata = True
+        elif key in index.dist_info:
+            return index.dist_info[key]
+        elif key in index.egg_info:
+            ask_metadata = True
     if not ask_metadata:
         return None
     from importlib import metadata
@@ -48,6 +45,32 @@ def distribution_version(name: str) -> Optional[str]:
         return metadata.version(name)
     except metadata.PackageNotFoundError:
         return None
+
+
+# A sys.path folder's metadata folders by lowercased distribution name (the part before the
+# first "-"): the version of each .dist-info (the first listed), the names with an .egg-info.
+FolderIndex = namedtuple("FolderIndex", "dist_info egg_info")
+_indexed: Dict[str, Optional[FolderIndex]] = {}
+
+
+def _index(folder: str) -> Optional[FolderIndex]:
+    """The metadata folders in a sys.path folder, read once: detect() asks for six names."""
+    if folder not in _indexed:
+        entries = _entries(folder)
+        _indexed[folder] = None if entries is None else _index_of(entries)
+    return _indexed[folder]
+
+
+def _index_of(entries: List[str]) -> FolderIndex:
+    dist_info: Dict[str, str] = {}
+    egg_info = set()
+    for entry in entries:
+        lowered = entry.lower()
+        if lowered.endswith(".dist-info") and "-" in lowered[:-len(".dist-info")]:
+            dist_info.setdefault(lowered.partition("-")[0], entry[lowered.index("-") + 1:-len(".dist-info")])
+        elif lowered.endswith(".egg-info"):
+            egg_info.add(lowered[:-len(".egg-info")].partition("-")[0])
+    return FolderIndex(dist_info, egg_info)
 
 
 _listed: Dict[str, Optional[List[str]]] = {}
