@@ -403,7 +403,7 @@ def batched_requests(model, prompts: List[List[int]], tokens: int, tokenizer: An
             got[response.uid].append(int(response.token))
             if texts:
                 texts[response.uid].add_token(int(response.token))
-                texts[response.uid].last_segment
+                _ = texts[response.uid].last_segment  # what a server sends on
             if response.finish_reason is not None:
                 done[response.uid] = time.perf_counter() - start
         if not prompt_responses and not responses:

@@ -403,7 +403,8 @@ def _alone(batch, request: _Request):
     generated: List[int] = []
     moving = False
     try:
-        for token, logprobs in steps:
+        for step_token, logprobs in steps:
+            token = int(step_token)  # generate_step yields y.item() (typed there as an array)
             generated.append(token)
             last = token in request.eos or len(generated) == request.max_tokens
             yield token, logprobs, last

@@ -238,7 +238,8 @@ def test_capture_gate_never_lets_a_shared_holder_in_while_a_thread_holds_it_excl
                 state["exclusive"] -= 1
             gate.leave_exclusive()
             time.sleep(0.001)
-    threads = [threading.Thread(target=shared) for _ in range(8)] + [threading.Thread(target=exclusive) for _ in range(2)]
+    threads = [threading.Thread(target=shared) for _ in range(8)]
+    threads += [threading.Thread(target=exclusive) for _ in range(2)]
     for t in threads: t.start()
     for t in threads: t.join()
     print(json.dumps(dict(state, open=not gate._closed and not gate._holders)))
