@@ -54,7 +54,7 @@ _indexed: Dict[str, Optional[FolderIndex]] = {}
 
 
 def _index(folder: str) -> Optional[FolderIndex]:
-    """The metadata folders in a sys.path folder, read once: detect() asks for six names."""
+    """The metadata folders in a sys.path folder, listed once (the only cache): detect() asks for six names."""
     if folder not in _indexed:
         entries = _entries(folder)
         _indexed[folder] = None if entries is None else _index_of(entries)
@@ -73,19 +73,14 @@ def _index_of(entries: List[str]) -> FolderIndex:
     return FolderIndex(dist_info, egg_info)
 
 
-_listed: Dict[str, Optional[List[str]]] = {}
-
-
 def _entries(folder: str) -> Optional[List[str]]:
     """The names in a sys.path folder; [] if it is gone, None if it is not a folder (a zip file)."""
-    if folder not in _listed:
-        try:
-            _listed[folder] = os.listdir(folder or ".")
-        except (FileNotFoundError, PermissionError):
-            _listed[folder] = []
-        except OSError:
-            _listed[folder] = None
-    return _listed[folder]
+    try:
+        return os.listdir(folder or ".")
+    except (FileNotFoundError, PermissionError):
+        return []
+    except OSError:
+        return None
 
 
 def parse(version: Optional[str]) -> Optional[Version]:
