@@ -40,6 +40,7 @@ import os
 import re
 import signal
 import socket
+import statistics
 import subprocess
 import tempfile
 import threading
@@ -468,10 +469,13 @@ def side_environment(env: Dict[str, str], side: str) -> Dict[str, str]:
     return env
 
 
-def _median(values: List[float]) -> float:
-    ordered = sorted(values)
-    middle = len(ordered) // 2
-    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+def _at_once(count: int, client: Callable[[int], None]) -> None:
+    """client(0) .. client(count - 1), each on a thread of its own, all started before any is awaited (bounded)."""
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(REQUEST_TIMEOUT + 30)
 
 
 def measure_throughput(port: int, served: str, record: Dict[str, Any],
@@ -514,12 +518,8 @@ def measure_throughput(port: int, served: str, record: Dict[str, Any],
             except Exception as error:  # noqa: BLE001
                 record["failures"].append(f"throughput burst {burst} #{index}: {type(error).__name__}: {error}"[:400])
 
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(THROUGHPUT_REQUESTS)]
         started = time.perf_counter()
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(REQUEST_TIMEOUT + 30)
+        _at_once(THROUGHPUT_REQUESTS, client)
         elapsed = time.perf_counter() - started
         if burst == 0:
             continue
@@ -533,7 +533,7 @@ def measure_throughput(port: int, served: str, record: Dict[str, Any],
     probe["answered"] = answered
     probe["equal_to_serial"] = equal
     rates = probe["burst_tokens_per_s"]
-    probe["tokens_per_s"] = round(_median(rates), 1) if len(rates) == THROUGHPUT_BURSTS else None
+    probe["tokens_per_s"] = round(statistics.median(rates), 1) if len(rates) == THROUGHPUT_BURSTS else None
     return probe
 
 
@@ -584,11 +584,7 @@ def check_side(server: Server, mode: str, model_dir: str, side: str, python: str
                 except Exception as error:  # noqa: BLE001 - counted and reported
                     record["failures"].append(f"concurrent #{index}: {type(error).__name__}: {error}"[:400])
 
-            threads = [threading.Thread(target=client, args=(i,)) for i in range(CONCURRENT)]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join(REQUEST_TIMEOUT + 30)
+            _at_once(CONCURRENT, client)
             record["answered"] = sum(text is not None for text in concurrent)
             if serialized:
                 record["busy_retries"] = len(busy)
