@@ -56,6 +56,7 @@ _SERVED_AS = {
 START_ALONE = True  # a call that finds no batch running starts alone (False: every call joins the batch)
 _enabled: Optional[bool] = None  # None: MLX_THREADSAFE_BATCH decides, at the first routed call
 _applied = False  # the patch is applied (a wrapper left in a module after uninstall passes through)
+_moves_in = False  # BatchGenerator.insert takes a request's cache and tokens so far (mlx-lm 0.32+)
 _lock = threading.Lock()
 _batches: Dict[int, "_ModelBatch"] = {}
 _names = itertools.count()
@@ -72,14 +73,17 @@ def set_enabled(on: bool) -> None:
     _enabled = bool(on)
 
 
-def set_applied(applied: bool) -> None:
+def set_applied(applied: bool, moves_in: bool = False) -> None:
     """Whether the stream_generate patch is applied; its apply and its revert say so.
 
     A wrapper left in a module after uninstall() (a copy name-imported after install())
     passes every call through while this is False, whatever `set_enabled` said.
+    `moves_in`: the release's ``BatchGenerator.insert`` takes ``caches=`` and ``all_tokens=``,
+    so that a call that started alone can move into the batch (otherwise none starts alone).
     """
-    global _applied
+    global _applied, _moves_in
     _applied = bool(applied)
+    _moves_in = bool(applied and moves_in)
 
 
 def enabled() -> bool:
@@ -201,16 +205,6 @@ def _forget(key: int, batch: "_ModelBatch") -> None:
         if _batches.get(key) is batch:
             del _batches[key]
     batch.close()
-
-
-def _inserts_caches() -> bool:
-    """Whether BatchGenerator.insert takes a request's cache and tokens so far (mlx-lm 0.32+): needed to move in."""
-    import inspect
-
-    from mlx_lm.generate import BatchGenerator
-
-    parameters = inspect.signature(BatchGenerator.insert).parameters
-    return "caches" in parameters and "all_tokens" in parameters
 
 
 def _caches_merge(model) -> bool:
@@ -458,7 +452,6 @@ class _ModelBatch:
     def __init__(self, model) -> None:
         self.model_ref = weakref.ref(model)
         self.supported = _caches_merge(model)
-        self.moves_in = _inserts_caches()
         self.alone = False  # a request generates alone on its caller's thread (it moves in when others come)
         self.lock = threading.Lock()
         self.incoming: List[_Request] = []
@@ -490,7 +483,7 @@ class _ModelBatch:
     def start_alone(self) -> bool:
         """Whether a request may start alone: no batch runs, no other request is alone."""
         with self.lock:
-            if self.running or self.incoming or self.alone or not self.moves_in or not START_ALONE:
+            if self.running or self.incoming or self.alone or not _moves_in or not START_ALONE:
                 return False
             self.alone = True
             return True

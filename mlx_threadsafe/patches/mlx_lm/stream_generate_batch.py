@@ -48,7 +48,7 @@ class StreamGenerateBatchPatch(Patch):
             if (name == "mlx_lm" or name.startswith("mlx_lm.")) and other is not home \
                     and vars(other).get("stream_generate") is original:
                 self.originals.set_attribute(other, "stream_generate", wrapper)
-        batching.set_applied(True)
+        batching.set_applied(True, moves_in="caches" in parameters and "all_tokens" in parameters)
         # A copy name-imported after install() (mlx_lm.chat imported later) keeps the wrapper
         # after uninstall(): it passes every call through from now on.
         self.originals.on_restore(lambda: batching.set_applied(False))
