@@ -19,16 +19,17 @@ from __future__ import annotations
 
 import statistics
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Dict, List
 
 
-def _threads(model, tokenizer, prompts: List[List[int]], tokens: int) -> Dict[str, Any]:
+def _threads(model, tokenizer, prompts: List[List[int]], tokens: int, pool=None) -> Dict[str, Any]:
     from mlx_lm import stream_generate
 
     from .measure import requests_released_together
 
     return requests_released_together(len(prompts), lambda index: [
-        r.token for r in stream_generate(model, tokenizer, prompts[index], max_tokens=tokens)])
+        r.token for r in stream_generate(model, tokenizer, prompts[index], max_tokens=tokens)], pool)
 
 
 def _lone(model, tokenizer, tokens: int) -> float:
@@ -58,12 +59,18 @@ def batch_mode(path: str, smoke: bool, device: str, tiny: bool) -> Dict[str, Any
     tokenizer.eos_token_ids = set()  # exactly `tokens` per request on every side
     n = 2 if smoke else 8
     tokens = 8 if smoke else (128 if tiny or device == "gpu" else 48)
-    rounds = 2 if smoke else (8 if tiny else 6)
+    rounds = 2 if smoke else (8 if tiny or device == "gpu" else 6)
     prompts = [request_prompt(i) for i in range(n)]
 
     def threads_on():
         mlx_threadsafe.install(batch=True)
         return _threads(model, tokenizer, prompts, tokens)
+
+    pool = ThreadPoolExecutor(n, thread_name_prefix="pooled-request")
+
+    def threads_on_pooled():
+        mlx_threadsafe.install(batch=True)
+        return _threads(model, tokenizer, prompts, tokens, pool)
 
     def threads_on_never_alone():  # every call joins the batch, none starts alone
         mlx_threadsafe.install(batch=True)
@@ -83,7 +90,8 @@ def batch_mode(path: str, smoke: bool, device: str, tiny: bool) -> Dict[str, Any
     def batch_with_text():
         return _batched_requests(model, prompts, tokens, tokenizer)
 
-    sides = {"threads_batch_mode": threads_on, "threads_batch_mode_never_alone": threads_on_never_alone,
+    sides = {"threads_batch_mode": threads_on, "threads_batch_mode_pooled": threads_on_pooled,
+             "threads_batch_mode_never_alone": threads_on_never_alone,
              "batch_generator": batch,
              "batch_generator_with_text": batch_with_text, "threads_mode_off": threads_off}
     for side in sides.values():  # warm-up: compile caches, allocator, the batch Worker
@@ -114,6 +122,9 @@ def batch_mode(path: str, smoke: bool, device: str, tiny: bool) -> Dict[str, Any
     results["never_alone_over_batch_generator"] = statistics.median(
         max(b["finished"]) / max(a["finished"])
         for a, b in zip(runs["threads_batch_mode_never_alone"], runs["batch_generator"]))
+    results["pooled_threads_over_batch_generator"] = statistics.median(
+        max(b["finished"]) / max(a["finished"])
+        for a, b in zip(runs["threads_batch_mode_pooled"], runs["batch_generator"]))
     results["threads_over_batch_generator_with_text"] = statistics.median(
         max(b["finished"]) / max(a["finished"])
         for a, b in zip(runs["threads_batch_mode"], runs["batch_generator_with_text"]))
@@ -121,14 +132,15 @@ def batch_mode(path: str, smoke: bool, device: str, tiny: bool) -> Dict[str, Any
                   for a, b in zip(runs["threads_batch_mode"], runs["threads_mode_off"])]
     results["batch_mode_over_mode_off"] = statistics.median(paired_off)
     results["batch_stats"] = stats
+    pool.shutdown()
 
     # One caller alone: the mode on against off, ABBA, in this process.
     lone_tokens, lone_rounds = (16, 2) if smoke else (512 if tiny else 64, 16 if tiny else 8)
     rates: Dict[str, List[float]] = {"off": [], "on": []}
     for round_index in range(lone_rounds):
-        for side in ("off", "on") if round_index % 2 == 0 else ("on", "off"):
-            mlx_threadsafe.install(batch=side == "on")
-            rates[side].append(_lone(model, tokenizer, lone_tokens))
+        for mode in ("off", "on") if round_index % 2 == 0 else ("on", "off"):
+            mlx_threadsafe.install(batch=mode == "on")
+            rates[mode].append(_lone(model, tokenizer, lone_tokens))
     mlx_threadsafe.install(batch=False)
     results["lone_caller"] = {
         "tokens": lone_tokens, "off": statistics.median(rates["off"]), "on": statistics.median(rates["on"]),

@@ -19,7 +19,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -351,8 +351,13 @@ def _threaded_requests(model, prompts: List[List[int]], tokens: int) -> Dict[str
     return requests_released_together(len(prompts), lambda index: _greedy_tokens(model, prompts[index], tokens))
 
 
-def requests_released_together(n: int, request: Callable[[int], Any]) -> Dict[str, Any]:
-    """`request(i)` on n threads at once (a barrier releases them); each one's result and finish time."""
+def requests_released_together(n: int, request: Callable[[int], Any],
+                               pool: Optional[ThreadPoolExecutor] = None) -> Dict[str, Any]:
+    """`request(i)` on n threads at once (a barrier releases them); each one's result and finish time.
+
+    New threads by default; with `pool` (n workers, kept across calls), the pool's threads, as a
+    thread pool or `asyncio.to_thread` has them: their streams and per-thread state outlive a burst.
+    """
     outputs: List[Any] = [None] * n
     finished = [0.0] * n
     errors: List[str] = []
@@ -367,13 +372,20 @@ def requests_released_together(n: int, request: Callable[[int], Any]) -> Dict[st
             errors.append(repr(error)[:300])
         finished[index] = time.perf_counter() - start
 
-    threads = [threading.Thread(target=serve, args=(i,), name=f"request-{i}") for i in range(n)]
-    for thread in threads:
-        thread.start()
-    start = time.perf_counter()
-    gate.wait()
-    for thread in threads:
-        thread.join()
+    if pool is not None:  # each task holds its worker at the barrier, so the n tasks take n threads
+        futures = [pool.submit(serve, i) for i in range(n)]
+        start = time.perf_counter()
+        gate.wait()
+        for future in futures:
+            future.result()
+    else:
+        threads = [threading.Thread(target=serve, args=(i,), name=f"request-{i}") for i in range(n)]
+        for thread in threads:
+            thread.start()
+        start = time.perf_counter()
+        gate.wait()
+        for thread in threads:
+            thread.join()
     return {"outputs": outputs, "finished": finished, "errors": errors}
 
 
