@@ -32,7 +32,7 @@ Scenarios (`--scenario`):
 - `server_sigint`: harness/soak.py's driver: `mlx_lm.server` on the tiny model (MLX_THREADSAFE=1
   on the shim side), 3 concurrent requests and 1 hang-up, then SIGINT; the server must
   answer all and exit 0 within 30 s.
-- `two_rank_exit`: `mlx.launch --backend ring -n 2` on 127.0.0.1 (ports 45100-45199) of
+- `two_rank_exit`: `mlx.launch --backend ring -n 2` on 127.0.0.1 (ports 28100-28199) of
   tests/distributed/rank_thread_exit.py (sharded_load, generate on a thread, join, exit),
   MLX_THREADSAFE=1 for the launcher (and so every rank) on the shim side; each rank's exit
   from its own wrapper record, and whether mlx.launch returned within 30 s of the last rank's
@@ -72,7 +72,7 @@ MARKDOWN = os.path.join(HERE, "abort_rates.md")
 FINDINGS = os.path.join(HERE, "abort_scenarios", "findings.md")  # written by hand; `summary` appends it
 ZYGOTE = os.path.join(HERE, "abort_scenarios", "zygote.py")
 ABOUT = "python -m benchmarks.abort_rates run --scenario NAME --runs N: exit-sensitive scenarios, per side"
-PORTS = (45100, 45199)
+PORTS = (28100, 28199)  # below Linux's ephemeral range (32768-60999): no client connection takes one
 LAUNCHER_GRACE = 30.0
 STACK_LINES = 12
 SIDES = ("plain", "shim")
@@ -286,8 +286,9 @@ def server_sigint(side: str, timeout: float) -> Run:
     from mlx_threadsafe.testing import build_lm
 
     began = time.monotonic()
-    result = soak.soak(sys.executable, str(build_lm("llama")), via="env" if side == "shim" else "none",
-                       clients=3, hang_ups=1, request_timeout=timeout)
+    with _ring().port_block() as ports:  # runs side by side (--parallel) never share a port
+        result = soak.soak(sys.executable, str(build_lm("llama")), via="env" if side == "shim" else "none",
+                           clients=3, hang_ups=1, request_timeout=timeout, port=ports[0])
     run = Run(result.exit_code, time.monotonic() - began, result.stderr_tail, hung=result.exit_code is None)
     if result.answered != result.requests:
         run.check_failed = f"{result.answered}/{result.requests} answered: {result.failures[:1]}"

@@ -60,6 +60,8 @@ class SoakResult:
 
 
 def free_port() -> int:
+    # An ephemeral port, free now: a client connection made by a process running beside this
+    # one may take it as its local port before the server binds it ("Address already in use").
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
@@ -152,8 +154,10 @@ def _bad_stderr_lines(lines: List[str]) -> List[str]:
 
 
 def soak(python: str, model: str, server: str = "mlx_lm.server", via: str = "none", clients: int = 16,
-         hang_ups: int = 4, startup_timeout: float = 120.0, request_timeout: float = 120.0) -> SoakResult:
-    port = free_port()
+         hang_ups: int = 4, startup_timeout: float = 120.0, request_timeout: float = 120.0,
+         port: Optional[int] = None) -> SoakResult:
+    """`port`: the server's; a free one by default (fine for one soak at a time, see free_port)."""
+    port = port or free_port()
     # faulthandler: a server that does not exit after SIGINT gets SIGABRT, and its stderr then
     # shows where every thread was stuck.
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1",
