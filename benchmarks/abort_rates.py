@@ -40,7 +40,8 @@ Scenarios (`--scenario`):
   launcher's process group is SIGKILLed after every run.
 - `ring_server_sigint`: tests/distributed/serving.py's `serve_on_ring`: mlx_lm.server on 2
   ranks, 4 concurrent chats, SIGINT to the launcher's group (the run where the launcher once
-  outlived its ranks); rank exits 0 or -SIGINT count as clean.
+  outlived its ranks); rank exits 0, -SIGINT or -SIGTERM (mlx.launch stopping
+  the other ranks once one has exited non-zero) count as clean.
 """
 
 from __future__ import annotations
@@ -375,6 +376,10 @@ def _watch(ring, deadline: float) -> Dict[str, Any]:
             time.sleep(3)
             break
         time.sleep(0.05)
+    if launcher_end is not None:
+        # mlx.launch returns once each rank's shell has ended; a rank it stopped (SIGTERM to its
+        # shell, once another rank exited non-zero) may still be shutting down: let it record its exit.
+        out["ranks_after_launcher"] = _wait_for(records, LAUNCHER_GRACE)
     ring.signal_group(signal.SIGKILL)
     with contextlib.suppress(subprocess.TimeoutExpired):
         ring.proc.wait(timeout=30)
@@ -382,6 +387,15 @@ def _watch(ring, deadline: float) -> Dict[str, Any]:
     if launcher_end is not None and len(exits) == ring.n:
         out["lag"] = max(0.0, launcher_end - max(exits))  # the wrapper writes rank{r}.json as its rank ends
     return out
+
+
+def _wait_for(paths: Sequence[str], timeout: float) -> int:
+    """Wait until every path exists (at most `timeout` s); how many did not exist at first."""
+    missing = [path for path in paths if not os.path.exists(path)]
+    deadline = time.monotonic() + timeout
+    while any(not os.path.exists(path) for path in missing) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return len(missing)
 
 
 def _ring_env(side: str, **extra: str) -> Dict[str, str]:
@@ -441,8 +455,10 @@ def ring_server_sigint(side: str, timeout: float) -> Run:
             return f"{box['error']} {answers}"[:200]
         return None
 
-    run = _ranks_run(ranks, began, watched["lag"], watched["outlived"], (0, -signal.SIGINT), check,
-                     watched["diagnosis"])
+    # Clean: a rank that ended on the Ctrl-C, or one that mlx.launch then stopped (SIGTERM).
+    run = _ranks_run(ranks, began, watched["lag"], watched["outlived"], (0, -signal.SIGINT, -signal.SIGTERM),
+                     check, watched["diagnosis"])
+    run.counts = dict(run.counts or {}, ranks_ended_after_launcher=watched.get("ranks_after_launcher", 0))
     run.sigint_is_clean = True
     return run
 
