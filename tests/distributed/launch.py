@@ -150,7 +150,7 @@ def port_block(timeout: float = 300.0) -> Iterator[List[int]]:
                 os.close(fd)
             return
         if time.monotonic() > deadline:
-            raise RuntimeError("no free port block in 18800-18899")
+            raise RuntimeError(f"no free port block in {PORT_FIRST}-{PORT_LAST}")
         time.sleep(0.5)
 
 
