@@ -5,6 +5,7 @@
 #   bash benchmarks/cuda_capture/gpu.sh stage1   # install; cost ABBA; rates no_shim / shim
 #   bash benchmarks/cuda_capture/gpu.sh stage2   # diagnostics and top-ups (machine still warm)
 #   bash benchmarks/cuda_capture/gpu.sh sweep|gate_rates|gate_cost   # mlx.cuda_capture_gate: evidence, rates, cost
+#   bash benchmarks/cuda_capture/gpu.sh sigfpe   # the SIGFPE: 8 threads cold against warmed by one generation first
 set -uo pipefail
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$REPO"
@@ -44,6 +45,11 @@ case "$1" in
     ;;
   gate_rates)
     python3 -m benchmarks.cuda_capture.run rates --out "$RES/rates-gate-3.json" --runs ${RUNS:-shim_gate=64 no_shim=64} \
+      --parallel 8 --deadline "$(left ${BUDGET:-480})"
+    ;;
+  sigfpe)  # is the SIGFPE the race at a compiled kernel's first use? (RESULTS.md): warm-first should remove it
+    python3 -m benchmarks.cuda_capture.run rates --out "$RES/rates-sigfpe.json" \
+      --runs ${RUNS:-no_shim=64 no_shim_warm_first=64 shim=64 shim_warm_first=64} \
       --parallel 8 --deadline "$(left ${BUDGET:-480})"
     ;;
   gate_cost)  # the gate alone toggled, in one process
