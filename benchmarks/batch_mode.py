@@ -116,21 +116,15 @@ def batch_mode(path: str, smoke: bool, device: str, tiny: bool) -> Dict[str, Any
             "errors": [e for run in samples for e in run["errors"]][:5],
             "samples_tokens_per_s": [n * tokens / max(run["finished"]) for run in samples],
         }
-    paired = [n * tokens / max(a["finished"]) / (n * tokens / max(b["finished"]))
-              for a, b in zip(runs["threads_batch_mode"], runs["batch_generator"])]
-    results["threads_over_batch_generator"] = statistics.median(paired)
-    results["never_alone_over_batch_generator"] = statistics.median(
-        max(b["finished"]) / max(a["finished"])
-        for a, b in zip(runs["threads_batch_mode_never_alone"], runs["batch_generator"]))
-    results["pooled_threads_over_batch_generator"] = statistics.median(
-        max(b["finished"]) / max(a["finished"])
-        for a, b in zip(runs["threads_batch_mode_pooled"], runs["batch_generator"]))
-    results["threads_over_batch_generator_with_text"] = statistics.median(
-        max(b["finished"]) / max(a["finished"])
-        for a, b in zip(runs["threads_batch_mode"], runs["batch_generator_with_text"]))
-    paired_off = [max(b["finished"]) / max(a["finished"])
-                  for a, b in zip(runs["threads_batch_mode"], runs["threads_mode_off"])]
-    results["batch_mode_over_mode_off"] = statistics.median(paired_off)
+    def paired_ratio(side: str, against: str) -> float:
+        """Median over the rounds of side's tokens/s over against's (the same tokens: the inverse time ratio)."""
+        return statistics.median(max(b["finished"]) / max(a["finished"]) for a, b in zip(runs[side], runs[against]))
+
+    results["threads_over_batch_generator"] = paired_ratio("threads_batch_mode", "batch_generator")
+    results["never_alone_over_batch_generator"] = paired_ratio("threads_batch_mode_never_alone", "batch_generator")
+    results["pooled_threads_over_batch_generator"] = paired_ratio("threads_batch_mode_pooled", "batch_generator")
+    results["threads_over_batch_generator_with_text"] = paired_ratio("threads_batch_mode", "batch_generator_with_text")
+    results["batch_mode_over_mode_off"] = paired_ratio("threads_batch_mode", "threads_mode_off")
     results["batch_stats"] = stats
     pool.shutdown()
 
