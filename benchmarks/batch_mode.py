@@ -20,7 +20,7 @@ from __future__ import annotations
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Dict, List
+from typing import Any, Callable, Dict, List, Sequence
 
 
 def _threads(model, tokenizer, prompts: List[List[int]], tokens: int, pool=None) -> Dict[str, Any]:
@@ -47,7 +47,8 @@ def _quantile(samples: List[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
 
 
-def batch_mode(path: str, smoke: bool, device: str, tiny: bool) -> Dict[str, Any]:
+def batch_mode(path: str, smoke: bool, device: str, tiny: bool,
+               hand_over_intervals: Sequence[float] = ()) -> Dict[str, Any]:
     import mlx_threadsafe
     from mlx_threadsafe import batching
 
@@ -80,6 +81,17 @@ def batch_mode(path: str, smoke: bool, device: str, tiny: bool) -> Dict[str, Any
         finally:
             batching.START_ALONE = True
 
+    def threads_handing_over_every(interval: float) -> Callable[[], Dict[str, Any]]:
+        def side():
+            mlx_threadsafe.install(batch=True)
+            default, batching.HAND_OVER_INTERVAL = batching.HAND_OVER_INTERVAL, interval
+            try:
+                return _threads(model, tokenizer, prompts, tokens)
+            finally:
+                batching.HAND_OVER_INTERVAL = default
+
+        return side
+
     def threads_off():
         mlx_threadsafe.install(batch=False)
         return _threads(model, tokenizer, prompts, tokens)
@@ -92,6 +104,9 @@ def batch_mode(path: str, smoke: bool, device: str, tiny: bool) -> Dict[str, Any
 
     sides = {"threads_batch_mode": threads_on, "threads_batch_mode_pooled": threads_on_pooled,
              "threads_batch_mode_never_alone": threads_on_never_alone,
+             "threads_batch_mode_every_step": threads_handing_over_every(0.0),
+             **{f"threads_batch_mode_hand_over_{interval * 1e3:g}ms": threads_handing_over_every(interval)
+                for interval in hand_over_intervals},
              "batch_generator": batch,
              "batch_generator_with_text": batch_with_text, "threads_mode_off": threads_off}
     for side in sides.values():  # warm-up: compile caches, allocator, the batch Worker
@@ -123,6 +138,11 @@ def batch_mode(path: str, smoke: bool, device: str, tiny: bool) -> Dict[str, Any
     results["threads_over_batch_generator"] = paired_ratio("threads_batch_mode", "batch_generator")
     results["never_alone_over_batch_generator"] = paired_ratio("threads_batch_mode_never_alone", "batch_generator")
     results["pooled_threads_over_batch_generator"] = paired_ratio("threads_batch_mode_pooled", "batch_generator")
+    results["every_step_over_batch_generator"] = paired_ratio("threads_batch_mode_every_step", "batch_generator")
+    for interval in hand_over_intervals:
+        name = f"threads_batch_mode_hand_over_{interval * 1e3:g}ms"
+        results[f"{name}_over_batch_generator"] = paired_ratio(name, "batch_generator")
+    results["hand_over_interval_s"] = batching.HAND_OVER_INTERVAL
     results["threads_over_batch_generator_with_text"] = paired_ratio("threads_batch_mode", "batch_generator_with_text")
     results["batch_mode_over_mode_off"] = paired_ratio("threads_batch_mode", "threads_mode_off")
     results["batch_stats"] = stats

@@ -696,7 +696,9 @@ def main(argv: List[str]) -> int:
     elif section == "batch_mode":  # issue 30: benchmarks/batch_mode.py
         from .batch_mode import batch_mode
 
-        result = dict(batch_mode(model_dir(values["--model"], device), smoke, device, tiny=values["--model"] == "tiny"),
+        intervals = [float(v) for v in values["--hand-over"].split(",")] if "--hand-over" in values else []
+        result = dict(batch_mode(model_dir(values["--model"], device), smoke, device, tiny=values["--model"] == "tiny",
+                                 hand_over_intervals=intervals),
                       model=values["--model"], measured_on=measured_on(device))
     elif section == "thread_churn":
         result = dict(thread_churn(model_dir(values["--model"], device), smoke, "--own-model" in flags),

@@ -54,6 +54,10 @@ _SERVED_AS = {
 }
 
 START_ALONE = True  # a call that finds no batch running starts alone (False: every call joins the batch)
+# A caller gets its first and last token at once, the others at most this often (seconds; 0: every
+# step). Waking 8 threads at every step of a fast model costs more Python, under the GIL, than the
+# step: handed over in bunches, they take it in one go (docs/batch-mode.md, "Measured").
+HAND_OVER_INTERVAL = 0.01
 _enabled: Optional[bool] = None  # None: MLX_THREADSAFE_BATCH decides, at the first routed call
 _applied = False  # the patch is applied (a wrapper left in a module after uninstall passes through)
 _moves_in = False  # BatchGenerator.insert takes a request's cache and tokens so far (mlx-lm 0.32+)
@@ -223,7 +227,8 @@ def _caches_merge(model) -> bool:
 
 class _Request:
     __slots__ = ("prompt", "max_tokens", "sampler", "logits_processors", "eos", "items", "uid", "error",
-                 "finished", "cache", "history", "own_sampler", "own_processors", "__weakref__")
+                 "finished", "cache", "history", "own_sampler", "own_processors", "pending", "handed_over_at",
+                 "__weakref__")
 
     def __init__(self, prompt: List[int], max_tokens: int, sampler, logits_processors, eos) -> None:
         self.prompt = prompt
@@ -232,12 +237,31 @@ class _Request:
         self.cache: Optional[List[Any]] = None  # set when it moves in from alone: its KV cache so far
         self.history: List[int] = []  # and the tokens before `prompt` (its logits processors see them)
         self.own_sampler, self.own_processors = sampler, logits_processors  # as given: run alone
-        self.items: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
+        self.items: "queue.SimpleQueue[Any]" = queue.SimpleQueue()  # lists of (token, logprobs, last), or an error
+        self.pending: List[Any] = []  # tokens the Worker has not handed over yet
+        self.handed_over_at: Optional[float] = None  # when the Worker last did (None: not yet)
         self.uid: Optional[int] = None
         self.error: Optional[BaseException] = None  # raised by its own sampler or logits processor
         self.finished = False  # its last token was taken (the batch dropped it already)
         self.sampler = None if sampler is None else self._guarded_sampler(sampler)
         self.logits_processors = [self._guarded_processor(p) for p in logits_processors or ()]
+
+    def take(self, token: int, logprobs, last: bool, now: float) -> None:
+        """On the Worker: a token of this request; hand over what is pending when it is due."""
+        self.pending.append((token, logprobs, last))
+        if last or self.handed_over_at is None or now - self.handed_over_at >= HAND_OVER_INTERVAL:
+            self.hand_over(now)
+
+    def hand_over(self, now: float) -> None:
+        if self.pending:
+            self.items.put(self.pending)
+            self.pending = []
+            self.handed_over_at = now
+
+    def fail(self, error: BaseException) -> None:
+        """On the Worker: the tokens already computed, then the error."""
+        self.hand_over(0.0)
+        self.items.put(error)
 
     # A request's own code runs inside the batch's step: its error must end that request
     # alone, not the step of every other request. The row gets a harmless value and the
@@ -370,13 +394,14 @@ def _tokens(batch, request: _Request):
     else:
         batch.join(request)
     while True:
-        item = request.items.get()
-        if isinstance(item, BaseException):
+        items = request.items.get()
+        if isinstance(items, BaseException):
             request.finished = True
-            raise item
-        if item[2]:
-            request.finished = True
-        yield item
+            raise items
+        for item in items:
+            if item[2]:
+                request.finished = True
+            yield item
 
 
 def _alone(batch, request: _Request):
@@ -478,7 +503,7 @@ class _ModelBatch:
             with self.lock:
                 self.running = False
                 self.incoming.remove(request)
-            request.items.put(error)
+            request.fail(error)
 
     def start_alone(self) -> bool:
         """Whether a request may start alone: no batch runs, no other request is alone."""
@@ -528,6 +553,9 @@ class _ModelBatch:
                     generator.remove(gone)
                     _count("left_early", len(gone))
                 if incoming:
+                    now = time.perf_counter()
+                    for request in active.values():  # before the newcomers' prefill, which may take long
+                        request.hand_over(now)
                     if generator is None:
                         model = self.model_ref()
                         if model is None:
@@ -556,7 +584,7 @@ class _ModelBatch:
                 self.incoming, self.leaving, self.running = [], [], False
             _count("failed", len(waiting))
             for request in waiting:
-                request.items.put(error)
+                request.fail(error)
         finally:
             self.sequences = self.requests = 0
             if generator is not None:
@@ -565,19 +593,20 @@ class _ModelBatch:
     def _step(self, generator, active: Dict[int, _Request]) -> None:
         size = len(active)
         responses = _next_responses(generator)
+        now = time.perf_counter()
         finished: List[int] = []
         for response in responses:
             request = active.get(response.uid)
             if request is None:
                 continue
             if request.error is not None:
-                request.items.put(request.error)
+                request.fail(request.error)
                 del active[response.uid]
                 finished.append(response.uid)
                 continue
             token = int(response.token)
             last = response.finish_reason is not None or token in request.eos
-            request.items.put((token, response.logprobs, last))
+            request.take(token, response.logprobs, last, now)
             if last:
                 del active[response.uid]
                 if response.finish_reason is None:
