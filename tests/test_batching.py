@@ -122,6 +122,51 @@ def test_a_call_yields_the_fields_it_yields_without_the_mode():
     assert out["stats"]["started_alone"] == 2 and out["stats"]["moved_into_batch"] == 0, out["stats"]
 
 
+def test_the_worker_hands_over_the_first_token_at_once_and_the_rest_in_bunches_changing_nothing_else():
+    """HAND_OVER_INTERVAL: fewer wake-ups of the callers, the same tokens, and an error after them."""
+    out = _run("""
+        batching.START_ALONE = False  # every call in the batch: the processors below run on its Worker
+        no_eos = mx.where(mx.arange(300) == 2, -1e9, 0.0)
+        mx.eval(no_eos)
+
+        def caller(i, fail_at=None, every_step=False):
+            received, calls = [threading.Event(), threading.Event()], []
+            def processor(tokens, logits):
+                calls.append(1)
+                if fail_at is not None and len(calls) == fail_at:
+                    raise ValueError("processor")
+                # The Worker waits for this caller's first token (and, handing over every step, its
+                # second): each must come at once, or the call times out.
+                if len(calls) == 3 or (every_step and len(calls) == 5):
+                    assert received[len(calls) // 5].wait(30), "a token was not handed over at once"
+                return logits + no_eos
+            tokens, calls_at_second = [], None
+            try:
+                for r in stream_generate(model, tokenizer, prompt(i), max_tokens=40, logits_processors=[processor]):
+                    tokens.append(r.token)
+                    received[min(len(tokens), 2) - 1].set()
+                    if len(tokens) == 2:
+                        calls_at_second = len(calls)
+            except ValueError as error:
+                tokens.append(str(error))
+            return {"tokens": tokens, "calls_at_second": calls_at_second, "calls": len(calls)}
+
+        runs = {}
+        for interval in (60.0, 0.0):
+            batching.HAND_OVER_INTERVAL = interval
+            runs[interval] = in_threads(lambda i: caller(i, 12 if i == 1 else None, interval == 0.0), 2)
+        print(json.dumps({"runs": {str(k): v for k, v in runs.items()}, "stats": batching.stats()}))
+    """)
+    bunched, every_step = out["runs"]["60.0"], out["runs"]["0.0"]
+    assert [r["tokens"] for r in bunched] == [r["tokens"] for r in every_step], out  # the same tokens, the error last
+    assert len(bunched[0]["tokens"]) == 40 and bunched[1]["tokens"][-1] == "processor", out
+    assert len(bunched[1]["tokens"]) > 5, out  # the tokens computed before the error came first
+    # With a 60 s interval, tokens 2..40 came together, once the last was computed.
+    assert bunched[0]["calls_at_second"] == bunched[0]["calls"], out
+    assert every_step[0]["calls_at_second"] <= 5, out
+    assert out["stats"]["max_batch_size"] == 2, out["stats"]
+
+
 def test_a_call_that_started_alone_moves_into_the_batch_when_others_come():
     out = _run("""
         no_eos = mx.where(mx.arange(300) == 2, -1e9, 0.0)
