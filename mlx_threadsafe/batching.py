@@ -40,6 +40,8 @@ import weakref
 from collections import Counter
 from typing import Any, Dict, List, Optional
 
+from . import streams
+
 log = logging.getLogger("mlx_threadsafe")
 
 ENV = "MLX_THREADSAFE_BATCH"
@@ -506,7 +508,15 @@ class _ModelBatch:
             request.fail(error)
 
     def start_alone(self) -> bool:
-        """Whether a request may start alone: no batch runs, no other request is alone."""
+        """Whether a request may start alone: no batch runs, no other request is alone.
+
+        Once calls have come together on this model (its Worker exists), a thread that has
+        not used MLX before joins the batch: its set-up (its stream and, on CUDA, its graphs,
+        handles and the capture gate's exclusive first use) would delay the others more than
+        a batch delays it.
+        """
+        if self.worker is not None and not streams.has_used_mlx():
+            return False
         with self.lock:
             if self.running or self.incoming or self.alone or not _moves_in or not START_ALONE:
                 return False

@@ -242,6 +242,11 @@ def generation_stream(device: Any = None) -> Any:
     return stream
 
 
+def has_used_mlx() -> bool:
+    """Whether the calling thread has used MLX through the shim (it is adopted)."""
+    return getattr(_local, "adopted", False)
+
+
 def new_owned_stream(device: Any) -> Any:
     """A new stream on the calling thread, released on this thread when it ends."""
     import mlx.core as mx

@@ -209,6 +209,29 @@ def test_a_call_that_started_alone_moves_into_the_batch_when_others_come():
     assert stats["sequences_in_batches"] == 0 and stats["requests_in_batches"] == 0, stats
 
 
+def test_once_calls_came_together_a_thread_new_to_mlx_joins_the_batch_instead_of_starting_alone():
+    out = _run("""
+        def counts():
+            s = batching.stats()
+            return [s["started_alone"], s["batched_calls"]]
+        first = list(stream_generate(model, tokenizer, prompt(0), max_tokens=8))  # the main thread, cold
+        before_any_batch = counts()
+        in_threads(lambda i: list(stream_generate(model, tokenizer, prompt(i), max_tokens=64)), 4)
+        batching.reset_stats()
+        in_threads(lambda i: list(stream_generate(model, tokenizer, prompt(i), max_tokens=8)), 1)  # a new thread
+        new_thread = counts()
+        batching.reset_stats()
+        second = list(stream_generate(model, tokenizer, prompt(0), max_tokens=8))  # the main thread, warm now
+        warm_thread = counts()
+        print(json.dumps({"before_any_batch": before_any_batch, "new_thread": new_thread,
+                          "warm_thread": warm_thread, "same": [r.token for r in first] == [r.token for r in second]}))
+    """)
+    assert out["before_any_batch"] == [1, 1], out  # no batch yet: a lone caller starts alone, cold or not
+    assert out["new_thread"] == [0, 1], out  # joined the batch (a batch of one)
+    assert out["warm_thread"] == [1, 1], out  # it generated before: it starts alone again
+    assert out["same"], out
+
+
 def test_with_the_mode_off_calls_run_as_before_and_nothing_is_batched():
     out = _run("""
         gen_module = __import__("importlib").import_module("mlx_lm.generate")
