@@ -21,6 +21,7 @@ import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Dict, List, Sequence
+from unittest import mock
 
 
 def _threads(model, tokenizer, prompts: List[List[int]], tokens: int, pool=None) -> Dict[str, Any]:
@@ -73,24 +74,17 @@ def batch_mode(path: str, smoke: bool, device: str, tiny: bool,
         mlx_threadsafe.install(batch=True)
         return _threads(model, tokenizer, prompts, tokens, pool)
 
-    def threads_on_never_alone():  # every call joins the batch, none starts alone
-        mlx_threadsafe.install(batch=True)
-        batching.START_ALONE = False
-        try:
-            return _threads(model, tokenizer, prompts, tokens)
-        finally:
-            batching.START_ALONE = True
-
-    def threads_handing_over_every(interval: float) -> Callable[[], Dict[str, Any]]:
+    def threads_on_with(setting: str, value: Any) -> Callable[[], Dict[str, Any]]:
+        """The threads with the mode and one of batching's settings changed for the side."""
         def side():
             mlx_threadsafe.install(batch=True)
-            default, batching.HAND_OVER_INTERVAL = batching.HAND_OVER_INTERVAL, interval
-            try:
+            with mock.patch.object(batching, setting, value):
                 return _threads(model, tokenizer, prompts, tokens)
-            finally:
-                batching.HAND_OVER_INTERVAL = default
 
         return side
+
+    hand_over_sides = {f"threads_batch_mode_hand_over_{interval * 1e3:g}ms": interval
+                       for interval in hand_over_intervals}
 
     def threads_off():
         mlx_threadsafe.install(batch=False)
@@ -103,10 +97,10 @@ def batch_mode(path: str, smoke: bool, device: str, tiny: bool,
         return _batched_requests(model, prompts, tokens, tokenizer)
 
     sides = {"threads_batch_mode": threads_on, "threads_batch_mode_pooled": threads_on_pooled,
-             "threads_batch_mode_never_alone": threads_on_never_alone,
-             "threads_batch_mode_every_step": threads_handing_over_every(0.0),
-             **{f"threads_batch_mode_hand_over_{interval * 1e3:g}ms": threads_handing_over_every(interval)
-                for interval in hand_over_intervals},
+             # every call joins the batch, none starts alone
+             "threads_batch_mode_never_alone": threads_on_with("START_ALONE", False),
+             "threads_batch_mode_every_step": threads_on_with("HAND_OVER_INTERVAL", 0.0),
+             **{name: threads_on_with("HAND_OVER_INTERVAL", interval) for name, interval in hand_over_sides.items()},
              "batch_generator": batch,
              "batch_generator_with_text": batch_with_text, "threads_mode_off": threads_off}
     for side in sides.values():  # warm-up: compile caches, allocator, the batch Worker
@@ -139,8 +133,7 @@ def batch_mode(path: str, smoke: bool, device: str, tiny: bool,
     results["never_alone_over_batch_generator"] = paired_ratio("threads_batch_mode_never_alone", "batch_generator")
     results["pooled_threads_over_batch_generator"] = paired_ratio("threads_batch_mode_pooled", "batch_generator")
     results["every_step_over_batch_generator"] = paired_ratio("threads_batch_mode_every_step", "batch_generator")
-    for interval in hand_over_intervals:
-        name = f"threads_batch_mode_hand_over_{interval * 1e3:g}ms"
+    for name in hand_over_sides:
         results[f"{name}_over_batch_generator"] = paired_ratio(name, "batch_generator")
     results["hand_over_interval_s"] = batching.HAND_OVER_INTERVAL
     results["threads_over_batch_generator_with_text"] = paired_ratio("threads_batch_mode", "batch_generator_with_text")
