@@ -90,6 +90,13 @@ def test_the_launcher_gives_every_rank_the_ring_and_the_environment():
 # ------------------------------------------------- (a) sharded load on main, generate elsewhere
 
 
+def _run_sharded_generate(model, shim, extra=()):
+    # Without the shim every rank fails on its generate thread (before any collective) and
+    # then aborts at exit: independent_exits, or the first rank to abort gets the other
+    # SIGTERMed by mlx.launch before it has reported (CI stop 36: rank 0 killed, no outcome).
+    return _run("rank_sharded_generate.py", model, shim, extra=extra, independent_exits=shim == "off")
+
+
 def _assert_sharded_generate(result, shim, expected_tokens):
     assert not result.timed_out, result.report()
     outcomes = [r.outcome for r in result]
@@ -107,7 +114,7 @@ def _assert_sharded_generate(result, shim, expected_tokens):
 
 @pytest.mark.parametrize("shim", ["off", "install"])
 def test_tensor_parallel_sharded_load_then_generate_on_another_thread(models, reference, shim):
-    result = _run("rank_sharded_generate.py", models["llama3rope"], shim)
+    result = _run_sharded_generate(models["llama3rope"], shim)
     _measure(f"sharded_load(tensor) + generate on a thread, shim={shim}",
              ranks=[dict(rank=r.rank, rc=r.returncode, error=(r.outcome or {}).get("error"),
                          tokens=(r.outcome or {}).get("tokens"), aborted=r.aborted) for r in result],
@@ -118,7 +125,7 @@ def test_tensor_parallel_sharded_load_then_generate_on_another_thread(models, re
 @pytest.mark.slow
 @pytest.mark.parametrize("shim", ["env"])
 def test_tensor_parallel_sharded_generate_with_the_shim_from_the_environment(models, reference, shim):
-    result = _run("rank_sharded_generate.py", models["llama3rope"], shim)
+    result = _run_sharded_generate(models["llama3rope"], shim)
     _assert_sharded_generate(result, shim, reference("llama3rope"))
 
 
@@ -129,7 +136,7 @@ def test_pipeline_sharded_load_then_generate_on_another_thread(models, reference
         pytest.skip("mlx-lm's llama has no `pipeline` (no PipelineMixin): sharded_load(pipeline_group=...) "
                     "raises 'The model does not support pipelining'")
     for shim in ("off", "install"):
-        result = _run("rank_sharded_generate.py", models["llama3rope"], shim, extra=["--pipeline"])
+        result = _run_sharded_generate(models["llama3rope"], shim, extra=["--pipeline"])
         _assert_sharded_generate(result, shim, reference("llama3rope"))
 
 
