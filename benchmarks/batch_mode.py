@@ -1,6 +1,7 @@
 """The batch mode (issue 30): N threads calling stream_generate on one model, against one BatchGenerator.
 
-    python -m benchmarks.measure batch_mode --model tiny|mid-cpu [--device cpu|gpu] [--smoke]
+    python -m benchmarks.measure batch_mode --model tiny|mid-cpu|wide-gpu [--device cpu|gpu] [--smoke]
+        [--hand-over 0.003,0.02] [--sides threads_batch_mode,threads_batch_mode_never_alone,lone_caller]
 
 One process, the shim installed. Each round runs, in ABBA order: N threads released
 together, each iterating ``stream_generate`` (its own detokenizer, every
@@ -12,7 +13,8 @@ for context, the N threads with the mode off. Every
 request decodes exactly `tokens` tokens (no EOS: a random model hits it at random).
 Latency per request is from the burst's start to its last token; p50 / p99 are over
 every request of every round. Then a lone caller, mode on against off, ABBA: what one
-request alone pays for the mode.
+request alone pays for the mode. ``--sides`` runs only the sides named (and the
+BatchGenerator), for a short lease of a GPU.
 """
 
 from __future__ import annotations
@@ -49,7 +51,9 @@ def _quantile(samples: List[float], q: float) -> float:
 
 
 def batch_mode(path: str, smoke: bool, device: str, tiny: bool,
-               hand_over_intervals: Sequence[float] = ()) -> Dict[str, Any]:
+               hand_over_intervals: Sequence[float] = (), only: Sequence[str] = ()) -> Dict[str, Any]:
+    """`only`: run just these sides (the BatchGenerator, every ratio's reference, always runs);
+    "lone_caller" names the lone-caller comparison. Empty: everything."""
     import mlx_threadsafe
     from mlx_threadsafe import batching
 
@@ -103,6 +107,11 @@ def batch_mode(path: str, smoke: bool, device: str, tiny: bool,
              **{name: threads_on_with("HAND_OVER_INTERVAL", interval) for name, interval in hand_over_sides.items()},
              "batch_generator": batch,
              "batch_generator_with_text": batch_with_text, "threads_mode_off": threads_off}
+    if only:
+        unknown = set(only) - set(sides) - {"lone_caller"}
+        if unknown:
+            raise SystemExit(f"unknown sides {sorted(unknown)}; known: {sorted(sides)} and lone_caller")
+        sides = {name: side for name, side in sides.items() if name in only or name == "batch_generator"}
     for side in sides.values():  # warm-up: compile caches, allocator, the batch Worker
         side()
     batching.reset_stats()
@@ -129,17 +138,21 @@ def batch_mode(path: str, smoke: bool, device: str, tiny: bool,
         """Median over the rounds of side's tokens/s over against's (the same tokens: the inverse time ratio)."""
         return statistics.median(max(b["finished"]) / max(a["finished"]) for a, b in zip(runs[side], runs[against]))
 
-    results["threads_over_batch_generator"] = paired_ratio("threads_batch_mode", "batch_generator")
-    results["never_alone_over_batch_generator"] = paired_ratio("threads_batch_mode_never_alone", "batch_generator")
-    results["pooled_threads_over_batch_generator"] = paired_ratio("threads_batch_mode_pooled", "batch_generator")
-    results["every_step_over_batch_generator"] = paired_ratio("threads_batch_mode_every_step", "batch_generator")
-    for name in hand_over_sides:
-        results[f"{name}_over_batch_generator"] = paired_ratio(name, "batch_generator")
+    ratios = {"threads_over_batch_generator": ("threads_batch_mode", "batch_generator"),
+              "never_alone_over_batch_generator": ("threads_batch_mode_never_alone", "batch_generator"),
+              "pooled_threads_over_batch_generator": ("threads_batch_mode_pooled", "batch_generator"),
+              "every_step_over_batch_generator": ("threads_batch_mode_every_step", "batch_generator"),
+              **{f"{name}_over_batch_generator": (name, "batch_generator") for name in hand_over_sides},
+              "threads_over_batch_generator_with_text": ("threads_batch_mode", "batch_generator_with_text"),
+              "batch_mode_over_mode_off": ("threads_batch_mode", "threads_mode_off")}
+    for ratio, (side, against) in ratios.items():
+        if side in runs and against in runs:
+            results[ratio] = paired_ratio(side, against)
     results["hand_over_interval_s"] = batching.HAND_OVER_INTERVAL
-    results["threads_over_batch_generator_with_text"] = paired_ratio("threads_batch_mode", "batch_generator_with_text")
-    results["batch_mode_over_mode_off"] = paired_ratio("threads_batch_mode", "threads_mode_off")
     results["batch_stats"] = stats
     pool.shutdown()
+    if only and "lone_caller" not in only:
+        return results
 
     # One caller alone: the mode on against off, ABBA, in this process.
     lone_tokens, lone_rounds = (16, 2) if smoke else (512 if tiny else 64, 16 if tiny else 8)

@@ -698,7 +698,8 @@ def main(argv: List[str]) -> int:
 
         intervals = [float(v) for v in values["--hand-over"].split(",")] if "--hand-over" in values else []
         result = dict(batch_mode(model_dir(values["--model"], device), smoke, device, tiny=values["--model"] == "tiny",
-                                 hand_over_intervals=intervals),
+                                 hand_over_intervals=intervals,
+                                 only=values["--sides"].split(",") if "--sides" in values else ()),
                       model=values["--model"], measured_on=measured_on(device))
     elif section == "thread_churn":
         result = dict(thread_churn(model_dir(values["--model"], device), smoke, "--own-model" in flags),
