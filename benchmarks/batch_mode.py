@@ -154,15 +154,21 @@ def batch_mode(path: str, smoke: bool, device: str, tiny: bool,
     if only and "lone_caller" not in only:
         return results
 
-    # One caller alone: the mode on against off, ABBA, in this process.
+    # One caller alone: the mode on against off, ABBA, in this process; and that caller in a batch
+    # of one (what a thread new to MLX joins while calls come together), against off too.
     lone_tokens, lone_rounds = (16, 2) if smoke else (512 if tiny else 64, 16 if tiny else 8)
-    rates: Dict[str, List[float]] = {"off": [], "on": []}
+    rates: Dict[str, List[float]] = {"off": [], "on": [], "batch_of_one": []}
     for round_index in range(lone_rounds):
-        for mode in ("off", "on") if round_index % 2 == 0 else ("on", "off"):
-            mlx_threadsafe.install(batch=mode == "on")
-            rates[mode].append(_lone(model, tokenizer, lone_tokens))
+        for mode in list(rates) if round_index % 2 == 0 else list(reversed(rates)):
+            mlx_threadsafe.install(batch=mode != "off")
+            with mock.patch.object(batching, "START_ALONE", mode != "batch_of_one"):
+                rates[mode].append(_lone(model, tokenizer, lone_tokens))
     mlx_threadsafe.install(batch=False)
+
+    def over_off(mode: str) -> float:
+        return statistics.median(rate / off for rate, off in zip(rates[mode], rates["off"]))
+
     results["lone_caller"] = {
         "tokens": lone_tokens, "off": statistics.median(rates["off"]), "on": statistics.median(rates["on"]),
-        "ratio": statistics.median(on / off for on, off in zip(rates["on"], rates["off"])), "samples": rates}
+        "ratio": over_off("on"), "batch_of_one_over_off": over_off("batch_of_one"), "samples": rates}
     return results

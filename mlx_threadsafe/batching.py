@@ -56,6 +56,12 @@ _SERVED_AS = {
 }
 
 START_ALONE = True  # a call that finds no batch running starts alone (False: every call joins the batch)
+# While calls come together (this many seconds after the batch last held two or more requests), a
+# call on a thread new to MLX joins the batch instead of starting alone: its set-up (its stream; on
+# CUDA its graphs, handles and the capture gate's exclusive first use) delayed a whole burst. After a
+# quiet spell it starts alone, so a pool thread that only ever calls with the mode on does not pay
+# a batch of one for every lone call (docs/batch-mode.md, "Measured").
+NEW_THREADS_JOIN_WITHIN = 1.0
 # A caller gets its first and last token at once, the others at most this often (seconds; 0: every
 # step). Waking 8 threads at every step of a fast model costs more Python, under the GIL, than the
 # step: handed over in bunches, they take it in one go (docs/batch-mode.md, "Measured").
@@ -484,6 +490,7 @@ class _ModelBatch:
         self.incoming: List[_Request] = []
         self.leaving: List[_Request] = []
         self.running = False
+        self.together_at = float("-inf")  # perf_counter() when the batch last held two or more requests
         self.worker: Optional[Any] = None  # a Worker, made at the first join
         self.sequences = 0  # sequences in the generator after the last step (read by stats())
         self.requests = 0
@@ -508,14 +515,11 @@ class _ModelBatch:
             request.fail(error)
 
     def start_alone(self) -> bool:
-        """Whether a request may start alone: no batch runs, no other request is alone.
-
-        Once calls have come together on this model (its Worker exists), a thread that has
-        not used MLX before joins the batch: its set-up (its stream and, on CUDA, its graphs,
-        handles and the capture gate's exclusive first use) would delay the others more than
-        a batch delays it.
-        """
-        if self.worker is not None and not streams.has_used_mlx():
+        """Whether a request may start alone: no batch runs, no other request is alone, and,
+        on a thread that has not used MLX, no calls came together in the last
+        NEW_THREADS_JOIN_WITHIN seconds."""
+        if (not streams.has_used_mlx()
+                and time.perf_counter() - self.together_at < NEW_THREADS_JOIN_WITHIN):
             return False
         with self.lock:
             if self.running or self.incoming or self.alone or not _moves_in or not START_ALONE:
@@ -604,6 +608,8 @@ class _ModelBatch:
         size = len(active)
         responses = _next_responses(generator)
         now = time.perf_counter()
+        if size > 1:
+            self.together_at = now
         finished: List[int] = []
         for response in responses:
             request = active.get(response.uid)

@@ -209,26 +209,37 @@ def test_a_call_that_started_alone_moves_into_the_batch_when_others_come():
     assert stats["sequences_in_batches"] == 0 and stats["requests_in_batches"] == 0, stats
 
 
-def test_once_calls_came_together_a_thread_new_to_mlx_joins_the_batch_instead_of_starting_alone():
+def test_while_calls_come_together_a_thread_new_to_mlx_joins_the_batch_and_after_a_quiet_spell_starts_alone():
     out = _run("""
+        from concurrent.futures import ThreadPoolExecutor
+        batching.NEW_THREADS_JOIN_WITHIN = 0.5
         def counts():
             s = batching.stats()
             return [s["started_alone"], s["batched_calls"]]
+        def counted(call):
+            batching.reset_stats()
+            call()
+            return counts()
+        lone = lambda: list(stream_generate(model, tokenizer, prompt(1), max_tokens=8))
+        pool = ThreadPoolExecutor(1)  # its thread calls only with the mode on: it uses no MLX while it joins
         first = list(stream_generate(model, tokenizer, prompt(0), max_tokens=8))  # the main thread, cold
         before_any_batch = counts()
         in_threads(lambda i: list(stream_generate(model, tokenizer, prompt(i), max_tokens=64)), 4)
-        batching.reset_stats()
-        in_threads(lambda i: list(stream_generate(model, tokenizer, prompt(i), max_tokens=8)), 1)  # a new thread
-        new_thread = counts()
-        batching.reset_stats()
+        came_together = time.perf_counter()
+        right_after = counted(lambda: pool.submit(lone).result())
+        while time.perf_counter() - came_together < batching.NEW_THREADS_JOIN_WITHIN:
+            pool.submit(lone).result()  # batches of one: they hold one request, the window is not renewed
+        after_quiet = counted(lambda: pool.submit(lone).result())
+        pool_thread_warm = counted(lambda: pool.submit(lone).result())
         second = list(stream_generate(model, tokenizer, prompt(0), max_tokens=8))  # the main thread, warm now
-        warm_thread = counts()
-        print(json.dumps({"before_any_batch": before_any_batch, "new_thread": new_thread,
-                          "warm_thread": warm_thread, "same": [r.token for r in first] == [r.token for r in second]}))
+        print(json.dumps({"before_any_batch": before_any_batch, "right_after": right_after,
+                          "after_quiet": after_quiet, "pool_thread_warm": pool_thread_warm,
+                          "same": [r.token for r in first] == [r.token for r in second]}))
     """)
     assert out["before_any_batch"] == [1, 1], out  # no batch yet: a lone caller starts alone, cold or not
-    assert out["new_thread"] == [0, 1], out  # joined the batch (a batch of one)
-    assert out["warm_thread"] == [1, 1], out  # it generated before: it starts alone again
+    assert out["right_after"] == [0, 1], out  # a thread new to MLX, calls just came together: a batch of one
+    assert out["after_quiet"] == [1, 1], out  # the same thread once the window passed: alone, as without the mode
+    assert out["pool_thread_warm"] == [1, 1], out  # it has used MLX now: alone whatever the window
     assert out["same"], out
 
 
