@@ -104,6 +104,8 @@ def batch_mode(path: str, smoke: bool, device: str, tiny: bool,
              # every call joins the batch, none starts alone
              "threads_batch_mode_never_alone": threads_on_with("START_ALONE", False),
              "threads_batch_mode_every_step": threads_on_with("HAND_OVER_INTERVAL", 0.0),
+             # a thread new to MLX never starts alone (the window never closes)
+             "threads_batch_mode_new_threads_join": threads_on_with("NEW_THREADS_JOIN_WITHIN", float("inf")),
              **{name: threads_on_with("HAND_OVER_INTERVAL", interval) for name, interval in hand_over_sides.items()},
              "batch_generator": batch,
              "batch_generator_with_text": batch_with_text, "threads_mode_off": threads_off}
@@ -142,6 +144,7 @@ def batch_mode(path: str, smoke: bool, device: str, tiny: bool,
               "never_alone_over_batch_generator": ("threads_batch_mode_never_alone", "batch_generator"),
               "pooled_threads_over_batch_generator": ("threads_batch_mode_pooled", "batch_generator"),
               "every_step_over_batch_generator": ("threads_batch_mode_every_step", "batch_generator"),
+              "new_threads_join_over_batch_generator": ("threads_batch_mode_new_threads_join", "batch_generator"),
               **{f"{name}_over_batch_generator": (name, "batch_generator") for name in hand_over_sides},
               "threads_over_batch_generator_with_text": ("threads_batch_mode", "batch_generator_with_text"),
               "batch_mode_over_mode_off": ("threads_batch_mode", "threads_mode_off")}

@@ -162,7 +162,7 @@ GATE = """
     closed_while_alive = gate._still_ending()
     release.set(); ending.join()
     began = time.monotonic()
-    gate.enter_shared(); gate.leave_shared()  # returns once the OS thread is gone
+    gate.run_shared(lambda: None, ())  # returns once the OS thread is gone
     closed = closed_while_alive and not gate._still_ending() and time.monotonic() - began < 5
     mx.clear_cache()
     wrapped = hasattr(mx.async_eval, "__wrapped__")
@@ -211,7 +211,8 @@ def test_capture_gate_is_skipped_on_the_cpu_backend():
 
 def test_capture_gate_never_lets_a_shared_holder_in_while_a_thread_holds_it_exclusively():
     # The shared side takes no lock (a holder registers, then reads whether the gate is closed):
-    # 8 threads entering it in a loop and 2 taking it exclusively, for 2 s, never overlap.
+    # 8 threads entering it in a loop (and again from inside) and 2 taking it exclusively, for 2 s,
+    # never overlap.
     code = """
     import json, threading, time
     from mlx_threadsafe.patches.mlx.cuda_capture_gate import Gate
@@ -220,13 +221,15 @@ def test_capture_gate_never_lets_a_shared_holder_in_while_a_thread_holds_it_excl
     stop = time.monotonic() + 2
     def shared():
         while time.monotonic() < stop:
-            gate.enter_shared()
-            with lock:
-                state["shared"] += 1; state["shared_entries"] += 1
-                state["overlaps"] += bool(state["exclusive"])
-            with lock:
-                state["shared"] -= 1
-            gate.leave_shared()
+            gate.run_shared(inside, ())
+    def inside():
+        with lock:
+            state["shared"] += 1; state["shared_entries"] += 1
+            state["overlaps"] += bool(state["exclusive"])
+        gate.run_shared(lambda: None, ())  # re-entered (Python code an evaluation ran): no wait, still inside
+        with lock:
+            state["overlaps"] += bool(state["exclusive"])
+            state["shared"] -= 1
     def exclusive():
         while time.monotonic() < stop:
             gate.enter_exclusive()

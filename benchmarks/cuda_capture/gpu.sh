@@ -6,6 +6,7 @@
 #   bash benchmarks/cuda_capture/gpu.sh stage2   # diagnostics and top-ups (machine still warm)
 #   bash benchmarks/cuda_capture/gpu.sh sweep|gate_rates|gate_cost   # mlx.cuda_capture_gate: evidence, rates, cost
 #   bash benchmarks/cuda_capture/gpu.sh sigfpe   # the SIGFPE: 8 threads cold against warmed by one generation first
+#   bash benchmarks/cuda_capture/gpu.sh per_token|batch_mode   # one thread's cost; the batch mode (issue 30)
 set -uo pipefail
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$REPO"
@@ -55,6 +56,23 @@ case "$1" in
   gate_cost)  # the gate alone toggled, in one process
     timeout "${BUDGET:-300}" python3 -m benchmarks.cuda_capture.run inprocess --toggle gate --pairs ${PAIRS:-16} \
       --tokens 256 --out "$RES/cost-gate-toggle.json"
+    ;;
+  per_token)  # one thread's cost with the per-token wrappers: the whole shim, then the gate alone, tiny and wide
+    for model in tiny wide-gpu; do
+      timeout 200 python3 -m benchmarks.measure generation --model $model --device gpu > "$RES/generation-$model.json"
+      tail -c 300 "$RES/generation-$model.json"; echo
+    done
+    timeout "${BUDGET:-150}" python3 -m benchmarks.cuda_capture.run inprocess --toggle gate --pairs ${PAIRS:-32} \
+      --tokens 256 --out "$RES/cost-gate-toggle-per-token.json"
+    ;;
+  batch_mode)  # issue 30: the batch mode's threads against one BatchGenerator (benchmarks/batch_mode.py)
+    for model in ${MODELS:-wide-gpu tiny}; do
+      timeout "${BUDGET:-240}" python3 -m benchmarks.measure batch_mode --model $model --device gpu --shim \
+        --sides ${SIDES:-threads_batch_mode,threads_batch_mode_pooled,threads_batch_mode_never_alone,threads_batch_mode_new_threads_join,lone_caller} \
+        > "$RES/batch_mode-gpu-$model.json"
+      python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print({k: v for k, v in d.items() if 'over' in k})" \
+        "$RES/batch_mode-gpu-$model.json"
+    done
     ;;
 esac
 echo "finished at $(( $(date +%s) - START )) s"

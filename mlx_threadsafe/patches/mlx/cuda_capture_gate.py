@@ -18,12 +18,14 @@ mlx.cuda_capture_gate`` turns it off.
 """
 
 import threading
+from threading import get_ident
 from types import ModuleType
-from typing import Any
+from typing import Any, Callable
 
 import wrapt
 
 from ... import streams
+from ...patching.per_token import per_token_wrapper
 from ..common.thread_adoption import AdoptionLayerPatch, Use
 
 
@@ -47,13 +49,28 @@ class Gate:
         self._waiting_exclusive = 0
         self._ending: set = set()  # native ids of ended threads whose OS thread may still run destructors
 
-    def enter_shared(self) -> None:
-        me = threading.get_ident()
-        self._holders[me] = True
-        if not self._closed:
-            return
-        self._leave(me)
+    def run_shared(self, call: Callable[..., Any], args: tuple) -> Any:
+        """`call(*args)` inside the shared side; a thread already inside (its evaluation re-entered
+        from Python code it ran) just calls. Once per token: kept to a few dict operations."""
+        me = get_ident()
+        holders = self._holders
+        if me in holders:
+            return call(*args)
+        holders[me] = True
+        if self._closed:
+            self._wait_open(me)
+        try:
+            return call(*args)
+        finally:
+            del holders[me]
+            if self._closed:  # a taker may be waiting for the holders to leave
+                with self._lock:
+                    self._condition.notify_all()
+
+    def _wait_open(self, me: int) -> None:
+        del self._holders[me]
         with self._lock:
+            self._condition.notify_all()  # a taker may have seen this thread registered
             while True:
                 while self._exclusive or self._waiting_exclusive or (self._ending and self._still_ending()):
                     self._condition.wait(0.0005 if self._ending else None)
@@ -62,15 +79,6 @@ class Gate:
                 if not self._closed:  # still open once registered (a taker may have come meanwhile)
                     return
                 del self._holders[me]
-
-    def leave_shared(self) -> None:
-        self._leave(threading.get_ident())
-
-    def _leave(self, me: int) -> None:
-        del self._holders[me]
-        if self._closed:  # a taker may be waiting for the holders to leave
-            with self._lock:
-                self._condition.notify_all()
 
     def enter_exclusive(self) -> None:
         with self._lock:
@@ -101,8 +109,7 @@ class Gate:
 
 
 _gate = Gate()
-_local = threading.local()  # .state: None before the thread's first use, then _SEEN, _INSIDE while encoding
-_SEEN, _INSIDE = "seen", "inside"
+_local = threading.local()  # .seen: the thread made its first use
 _original_async_eval: Any = None  # mx.async_eval as MLX made it, while the patch is on
 
 
@@ -118,7 +125,7 @@ def _release_exclusively(release) -> None:
 def _first_use() -> None:
     import mlx.core as mx
 
-    _local.state = _SEEN
+    _local.seen = True
     streams.adopt_current_thread()  # so that its end releases its streams (through the gate)
     _gate.enter_exclusive()
     try:
@@ -129,18 +136,9 @@ def _first_use() -> None:
 
 
 def _encode(args: tuple) -> None:
-    state = getattr(_local, "state", None)
-    if state is _INSIDE:  # an evaluation re-entered from Python code it ran
-        return _original_async_eval(*args)
-    if state is None:
+    if not getattr(_local, "seen", False):
         _first_use()
-    _gate.enter_shared()
-    _local.state = _INSIDE
-    try:
-        return _original_async_eval(*args)
-    finally:
-        _local.state = _SEEN
-        _gate.leave_shared()
+    return _gate.run_shared(_original_async_eval, args)
 
 
 def _gated_async_eval(wrapped, instance, args, kwargs):
@@ -162,8 +160,9 @@ class CudaCaptureGatePatch(AdoptionLayerPatch):
     def _apply_with_layer(self, mlx_core: ModuleType) -> None:
         global _original_async_eval
         _original_async_eval = mlx_core.async_eval
-        self.originals.set_attribute(mlx_core, "async_eval", wrapt.FunctionWrapper(mlx_core.async_eval,
-                                                                                   _gated_async_eval))
+        # Once per generated token: a per-token wrapper, not wrapt's FunctionWrapper (per_token.py says why).
+        self.originals.set_attribute(mlx_core, "async_eval", per_token_wrapper(mlx_core.async_eval,
+                                                                               _gated_async_eval))
         if hasattr(mlx_core, "clear_cache"):
             self.originals.set_attribute(mlx_core, "clear_cache", wrapt.FunctionWrapper(mlx_core.clear_cache,
                                                                                         _exclusive))

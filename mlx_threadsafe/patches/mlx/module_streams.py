@@ -14,9 +14,8 @@ import threading
 from types import ModuleType
 from typing import Any, Dict, Optional
 
-import wrapt
-
 from ... import stream_owners, streams
+from ...patching.per_token import per_token_wrapper
 from ...registry import Patch
 
 _twins = threading.local()  # per thread: stream key -> its twin here (None: the stream is this thread's own)
@@ -82,9 +81,10 @@ class StreamRulePatch(Patch):
         # The importing (or installing) thread's default stream: the one lazy arrays made
         # there before any thread was adopted are bound to (for the error notes).
         streams.record_default_stream()
+        # mx.stream runs once per token in mlx-lm's generate_step: per_token.py says why not FunctionWrapper.
         for name, wrapper in (("stream", _with_twin), ("set_default_stream", _with_twin),
                               ("synchronize", _synchronize_twin_too)):
-            self.originals.set_attribute(mlx_core, name, wrapt.FunctionWrapper(getattr(mlx_core, name), wrapper))
+            self.originals.set_attribute(mlx_core, name, per_token_wrapper(getattr(mlx_core, name), wrapper))
 
 
 PATCH = StreamRulePatch(id="mlx.module_streams", package="mlx", trigger="mlx.core", target="mlx.core.stream",
