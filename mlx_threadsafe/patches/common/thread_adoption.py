@@ -18,6 +18,7 @@ import wrapt
 from ... import diagnostics, stream_owners, streams
 from ...patching.homes import module_attribute
 from ...patching.originals import Originals
+from ...patching.per_token import per_token_wrapper
 from ...registry import Patch
 
 
@@ -102,8 +103,10 @@ def _refresh() -> None:
 
 
 def _put_on(mlx_core) -> None:
-    for name, wrapper in (("eval", adopt_then_eval), ("new_stream", _record_new_stream)):
-        _originals.set_attribute(mlx_core, name, wrapt.FunctionWrapper(module_attribute("mlx.core", name), wrapper))
+    # mx.eval runs once per token in some releases' generation loops (per_token.py says why not FunctionWrapper).
+    _originals.set_attribute(mlx_core, "eval", per_token_wrapper(module_attribute("mlx.core", "eval"), adopt_then_eval))
+    _originals.set_attribute(mlx_core, "new_stream", wrapt.FunctionWrapper(module_attribute("mlx.core", "new_stream"),
+                                                                           _record_new_stream))
     for owner in (threading, sys):
         _originals.set_attribute(owner, "excepthook", wrapt.FunctionWrapper(owner.excepthook, _explain_then_report))
     # Every thread started from now on is waited for at exit once it ended, even one whose

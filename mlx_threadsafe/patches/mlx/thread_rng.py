@@ -11,6 +11,7 @@ from types import ModuleType
 import wrapt
 
 from ... import streams
+from ...patching.per_token import per_token_wrapper
 from ..common import thread_adoption
 
 # The functions that draw from the thread's key. A thread can draw before it first
@@ -34,10 +35,10 @@ class ThreadRngPatch(thread_adoption.AdoptionLayerPatch):
     def _apply_with_layer(self, mlx_core: ModuleType) -> None:
         random = mlx_core.random
         self.originals.set_attribute(random, "seed", wrapt.FunctionWrapper(random.seed, _remember_explicit_seed))
-        for name in DRAWING:
+        for name in DRAWING:  # a sampler outside mx.compile draws once per token
             if hasattr(random, name):
-                self.originals.set_attribute(random, name, wrapt.FunctionWrapper(
-                    getattr(random, name), thread_adoption.adopt_then_call))
+                self.originals.set_attribute(random, name, per_token_wrapper(getattr(random, name),
+                                                                             thread_adoption.adopt_then_call))
 
 
 # The random key is per thread from 0.31.2 on every backend (evidence: mlx 0.31.2 CPU).
