@@ -53,17 +53,16 @@ case "$1" in
       --runs ${RUNS:-no_shim=64 no_shim_warm_first=64 shim=64 shim_warm_first=64} \
       --parallel 8 --deadline "$(left ${BUDGET:-480})"
     ;;
-  gate_cost)  # the gate alone toggled, in one process
-    timeout "${BUDGET:-300}" python3 -m benchmarks.cuda_capture.run inprocess --toggle gate --pairs ${PAIRS:-16} \
-      --tokens 256 --out "$RES/cost-gate-toggle.json"
-    ;;
-  per_token)  # one thread's cost with the per-token wrappers: the whole shim, then the gate alone, tiny and wide
+  per_token)  # one thread's cost: the whole shim on tiny and wide, then (falling through) the gate alone, 32 pairs
     for model in tiny wide-gpu; do
       timeout 200 python3 -m benchmarks.measure generation --model $model --device gpu > "$RES/generation-$model.json"
       tail -c 300 "$RES/generation-$model.json"; echo
     done
-    timeout "${BUDGET:-150}" python3 -m benchmarks.cuda_capture.run inprocess --toggle gate --pairs ${PAIRS:-32} \
-      --tokens 256 --out "$RES/cost-gate-toggle-per-token.json"
+    PAIRS=${PAIRS:-32}
+    ;&
+  gate_cost)  # the gate alone toggled, in one process
+    timeout "${BUDGET:-300}" python3 -m benchmarks.cuda_capture.run inprocess --toggle gate --pairs ${PAIRS:-16} \
+      --tokens 256 --out "$RES/cost-gate-toggle.json"
     ;;
   batch_mode)  # issue 30: the batch mode's threads against one BatchGenerator (benchmarks/batch_mode.py)
     for model in ${MODELS:-wide-gpu tiny}; do
